@@ -1,0 +1,33 @@
+# Each target creates or reuses .venv and installs what it needs.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+DATA ?=
+SITES ?= 4
+SPEED ?= 0
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: up test lint report bench-model bench-loop clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+# Main job: embedded broker, topics, controller and replay; ends with a summary table.
+up: $(BIN)/.installed
+	$(BIN)/dtwin up $(if $(DATA),--data $(DATA)) --sites $(SITES)
+
+test: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/pytest
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+
+# The committed offline report (reports/paper/) on the real data.
+report: $(BIN)/.installed
+	$(BIN)/dtwin evaluate --data $(or $(DATA),../shared/datasets/network-operator-kpis) --out reports/paper
+
+clean:
+	rm -rf $(VENV) runs artifacts .pytest_cache .ruff_cache

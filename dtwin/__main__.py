@@ -1,0 +1,3 @@
+from dtwin.cli import main
+
+raise SystemExit(main())
