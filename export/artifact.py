@@ -125,12 +125,13 @@ def load_artifact(directory: str | Path, threads: int = 1) -> ModelArtifact:
         raise ArtifactError("shape", f"graph needs one input and one output, has {len(graph_inputs)} and "
                                      f"{len(proto.graph.output)}")
     in_dims, out_dims = _dims(graph_inputs[0]), _dims(proto.graph.output[0])
-    if graph_inputs[0].name != manifest["input"]["name"] or proto.graph.output[0].name != manifest["output"]["name"]:
-        raise ArtifactError("shape", f"graph input/output names {graph_inputs[0].name}/{proto.graph.output[0].name} "
-                                     f"differ from the manifest's {manifest['input']['name']}/{manifest['output']['name']}")
+    in_name, out_name = graph_inputs[0].name, proto.graph.output[0].name
+    if in_name != manifest["input"]["name"] or out_name != manifest["output"]["name"]:
+        raise ArtifactError("shape", f"graph input/output names {in_name}/{out_name} differ from the manifest's "
+                                     f"{manifest['input']['name']}/{manifest['output']['name']}")
     if len(in_dims) != 3 or in_dims[1:] != [window, n_features] or not isinstance(in_dims[0], str):
         raise ArtifactError("shape", f"graph input shape {in_dims} does not match the manifest's "
-                                     f"[batch, {window}, {n_features}] (window {window}, features {manifest['features']})")
+                                     f"[batch, {window}, {n_features}] (features {manifest['features']})")
     if len(out_dims) != 1 or not isinstance(out_dims[0], str):
         raise ArtifactError("shape", f"graph output shape {out_dims}, expected [batch]")
 
