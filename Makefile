@@ -7,7 +7,7 @@ SITES ?= 4
 SPEED ?= 0
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: up test lint report bench-model bench-loop clean
+.PHONY: up test tools lint report clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,9 +18,16 @@ $(BIN)/.installed: pyproject.toml
 up: $(BIN)/.installed
 	$(BIN)/dtwin up $(if $(DATA),--data $(DATA)) --sites $(SITES)
 
-test: $(BIN)/.installed
+test: $(BIN)/.installed tools
 	$(BIN)/ruff check .
 	$(BIN)/pytest
+
+# Debian's prometheus package: promtool and a real server for the dashboard and alert tests.
+tools:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
+	  echo "installing Debian's prometheus package (promtool, prometheus)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .

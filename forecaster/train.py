@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -183,7 +182,9 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+    except OSError:
+        raise
+    except Exception as exc:  # torch's unpickler raises many kinds on bytes that are no checkpoint
         raise ValueError(f"{path}: not a {CHECKPOINT_FORMAT} checkpoint (unreadable: "
                          f"{type(exc).__name__})") from exc
     fmt = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__

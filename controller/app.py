@@ -1,0 +1,216 @@
+"""The Faust app: ``faust -A controller.app worker`` or ``dtwin controller``.
+
+Settings come from ``DTWIN_*`` environment variables (see :mod:`controller.config`). The agent
+takes batches of raw samples, runs them through the pure :class:`controller.engine.Engine`,
+stores each site's window in a changelogged table, and produces commands and dead letters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from pathlib import Path
+
+import faust
+
+from controller.config import ControllerConfig
+from controller.contracts import Rejected, encode_command, encode_dead_letter, parse_sample
+from controller.engine import Engine
+from controller.metrics import LoopMetrics
+from controller.policy import SHADOW_NAMES, allocators_from_manifest, live_name
+from dtwin.topics import WINDOW_TABLE, Topics
+from export.artifact import MANIFEST_FILE, ArtifactError, ModelArtifact, load_artifact
+
+log = logging.getLogger("dtwin.controller")
+
+config = ControllerConfig.from_env()
+topics = Topics(config.topic_prefix)
+
+app = faust.App(
+    config.app_id,
+    broker=f"kafka://{config.bootstrap}",
+    web_port=config.web_port,
+    web_bind="127.0.0.1",
+    store="memory://",
+    topic_partitions=config.partitions,
+    topic_allow_declare=False,  # topics are created up front by `dtwin topics create`
+    topic_disable_leader=True,
+    consumer_auto_offset_reset="earliest",
+    datadir=config.state_dir,
+    producer_acks=-1,
+)
+
+samples_topic = app.topic(topics.samples, key_type=bytes, value_type=bytes, key_serializer="raw",
+                          value_serializer="raw", partitions=config.partitions)
+commands_topic = app.topic(topics.commands, key_serializer="raw", value_serializer="raw",
+                           partitions=config.partitions)
+dead_letter_topic = app.topic(topics.dead_letter, key_serializer="raw", value_serializer="raw",
+                              partitions=config.partitions)
+
+# Per-site window and pending decision. Keys are the site as bytes, exactly the record key, and the
+# changelog uses the producer's partitioner, so a key's changelog partition is its source partition.
+windows = app.Table(WINDOW_TABLE, default=None, partitions=config.partitions, use_partitioner=True,
+                    schema=faust.Schema(key_type=bytes, key_serializer="raw", value_serializer="json"))
+
+
+class Runtime:
+    """The live model, its allocators and the metrics; swapped atomically on a new artifact."""
+
+    def __init__(self, cfg: ControllerConfig) -> None:
+        self.cfg = cfg
+        self.metrics = LoopMetrics([live_name(cfg.policy), *SHADOW_NAMES], cfg.sla_target, cfg.metrics_max_sites)
+        self.artifact: ModelArtifact | None = None
+        self.engine: Engine | None = None
+        self.manifest_stamp: str | None = None
+
+    def _timed_predict(self, artifact: ModelArtifact):
+        def predict(x):
+            with self.metrics.inference.time():
+                return artifact.predict(x)
+        return predict
+
+    def install(self, artifact: ModelArtifact) -> None:
+        live, shadows = allocators_from_manifest(artifact.manifest, self.cfg.policy, self.cfg.sla_target,
+                                                 self.cfg.capacity_floor, self.cfg.capacity_ceiling)
+        engine = Engine(self._timed_predict(artifact), live, shadows, artifact.window,
+                        int(artifact.manifest["step_seconds"]))
+        self.artifact, self.engine = artifact, engine
+        self.manifest_stamp = artifact.sha256
+        self.metrics.set_model(artifact.name, artifact.version, artifact.sha256)
+        log.info("serving model %s (%s)", artifact.version, artifact.sha256[:12])
+
+    def load_initial(self) -> None:
+        self.install(load_artifact(self.cfg.model_dir))
+
+    async def maybe_swap(self) -> None:
+        """Load a new artifact if the manifest's sha256 changed; keep serving the old one if it fails."""
+        manifest_path = Path(self.cfg.model_dir) / MANIFEST_FILE
+        try:
+            stamp = json.loads(manifest_path.read_text())["sha256"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return
+        if stamp == self.manifest_stamp:
+            return
+        try:
+            artifact = await asyncio.get_running_loop().run_in_executor(None, load_artifact, self.cfg.model_dir)
+            self.install(artifact)
+            self.metrics.model_swaps.labels("loaded").inc()
+        except (ArtifactError, ValueError, KeyError) as exc:
+            self.manifest_stamp = stamp  # do not retry the same bad artifact every poll
+            self.metrics.model_swaps.labels("rejected").inc()
+            log.error("new model artifact rejected, still serving %s: %s",
+                      self.artifact.version if self.artifact else None, exc)
+
+
+runtime = Runtime(config)
+
+
+async def _deliver(futures: list) -> None:
+    if futures:
+        await asyncio.gather(*futures)
+
+
+async def process_events(events) -> None:
+    metrics = runtime.metrics
+    engine = runtime.engine
+    assert engine is not None and runtime.artifact is not None
+    metrics.samples.inc(len(events))
+    metrics.batch_size.observe(len(events))
+    samples = []
+    sample_events = []
+    futures = []
+    now = time.time()
+    for ev in events:
+        msg = ev.message
+        try:
+            sample = parse_sample(ev.value)
+            if msg.key is not None and msg.key != sample.site.encode():
+                raise Rejected("key_mismatch", f"record key {msg.key!r} is not the site {sample.site!r}")
+        except Rejected as rej:
+            metrics.rejected.labels(rej.reason).inc()
+            futures.append(await dead_letter_topic.send(
+                key=msg.key, value=encode_dead_letter(ev.value, rej.reason, rej.detail, msg.topic, msg.partition,
+                                                      msg.offset, msg.key, now)))
+            continue
+        samples.append(sample)
+        sample_events.append(ev)
+
+    sites = {s.site for s in samples}
+    states = {site: windows.get(site.encode()) for site in sites}
+    result = engine.process(states, samples)
+    for site, state in result.states.items():
+        windows[site.encode()] = state
+
+    for idx, reason, detail in result.rejects:
+        msg = sample_events[idx].message
+        futures.append(await dead_letter_topic.send(
+            key=msg.key, value=encode_dead_letter(sample_events[idx].value, reason, detail, msg.topic,
+                                                  msg.partition, msg.offset, msg.key, now)))
+    version = runtime.artifact.version
+    live = engine.live.name
+    decided_at = time.time()
+    command_futures = []
+    for d in result.decisions:
+        command_futures.append(await commands_topic.send(
+            key=d.site.encode(), value=encode_command(d.site, d.ts, d.allocations[live], d.forecast, live, version,
+                                                      decided_at)))
+    await _deliver(futures + command_futures)
+    sent_at = time.time()
+    for i in result.decision_sample:
+        metrics.end_to_end.observe(max(sent_at - sample_events[i].message.timestamp, 0.0))
+    metrics.commands.inc(len(command_futures))
+    metrics.observe(result)
+
+
+async def forward_events(events) -> None:
+    """The null pipeline: parse each sample and produce one message for it, no model, no table."""
+    metrics = runtime.metrics
+    metrics.samples.inc(len(events))
+    futures = []
+    for ev in events:
+        try:
+            sample = parse_sample(ev.value)
+        except Rejected as rej:
+            metrics.rejected.labels(rej.reason).inc()
+            continue
+        futures.append(await commands_topic.send(key=ev.message.key, value=sample.to_json()))
+    await _deliver(futures)
+    sent_at = time.time()
+    for ev in events:
+        metrics.end_to_end.observe(max(sent_at - ev.message.timestamp, 0.0))
+    metrics.commands.inc(len(futures))
+
+
+@app.agent(samples_topic)
+async def control(stream):
+    handler = forward_events if config.pipeline == "null" else process_events
+    async for events in stream.take_events(config.batch_size, within=config.batch_within_ms / 1000.0):
+        if events:
+            await handler(events)
+
+
+@app.task
+async def start_metrics_endpoint() -> None:
+    if config.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(config.metrics_port, addr="0.0.0.0", registry=runtime.metrics.registry)
+        log.info("Prometheus metrics on :%d/metrics", config.metrics_port)
+
+
+@app.timer(interval=config.model_poll_seconds)
+async def watch_model() -> None:
+    if config.pipeline == "control":
+        await runtime.maybe_swap()
+
+
+@app.page("/dtwin/summary")
+async def summary(web, request):
+    return web.json({"model": runtime.artifact.version if runtime.artifact else None,
+                     "allocators": runtime.metrics.summaries()})
+
+
+if config.pipeline == "control":
+    runtime.load_initial()

@@ -1,0 +1,1 @@
+"""Replays recorded (or synthetic) KPI traffic into Kafka, keyed by site (kafka-python producer)."""
