@@ -7,7 +7,7 @@ SITES ?= 4
 SPEED ?= 0
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: up test tools lint report clean
+.PHONY: up test tools lint report bench clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,16 @@ lint: $(BIN)/.installed
 # The committed offline report (reports/paper/) on the real data.
 report: $(BIN)/.installed
 	$(BIN)/dtwin evaluate --data $(or $(DATA),../shared/datasets/network-operator-kpis) --out reports/paper
+
+# The figures in BENCHMARKS.md: models from `make report`, exported, then both benchmarks.
+bench: $(BIN)/.installed
+	test -f reports/paper/paper.pt -a -f reports/paper/delta_mlp.pt || $(MAKE) report
+	$(BIN)/dtwin export reports/paper/paper.pt --out artifacts/paper
+	$(BIN)/dtwin export reports/paper/delta_mlp.pt --out artifacts/delta_mlp
+	$(BIN)/dtwin export reports/paper/delta_mlp.pt --out artifacts/delta_mlp-int8 --int8
+	$(BIN)/dtwin bench model artifacts/paper artifacts/delta_mlp artifacts/delta_mlp-int8 \
+	  --data $(or $(DATA),../shared/datasets/network-operator-kpis) --json reports/bench/model.json
+	$(BIN)/dtwin bench loop --samples 50000 --sites 100 --model-dir artifacts/delta_mlp --json reports/bench/loop.json
 
 clean:
 	rm -rf $(VENV) runs artifacts .pytest_cache .ruff_cache

@@ -14,25 +14,44 @@ import time
 from pathlib import Path
 
 import faust
+from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 
 from controller.config import ControllerConfig
 from controller.contracts import Rejected, encode_command, encode_dead_letter, parse_sample
 from controller.engine import Engine
 from controller.metrics import LoopMetrics
 from controller.policy import SHADOW_NAMES, allocators_from_manifest, live_name
+from controller.state import decode_state, encode_state
 from dtwin.topics import WINDOW_TABLE, Topics
 from export.artifact import MANIFEST_FILE, ArtifactError, ModelArtifact, load_artifact
 
 log = logging.getLogger("dtwin.controller")
+LOG_LEVELS = {"crit": logging.CRITICAL, "error": logging.ERROR, "warn": logging.WARNING, "info": logging.INFO,
+              "debug": logging.DEBUG}
 
 config = ControllerConfig.from_env()
 topics = Topics(config.topic_prefix)
+
+
+def _bounded_fetch_wait(create):
+    """Faust hard-codes fetch_max_wait_ms=1500 for its worker consumer. Tansu (the embedded broker)
+    holds a fetch that long even while records arrive (tools/repro_tansu_fetch_wait.py), which adds
+    up to a second of latency; a short wait costs Apache Kafka only a few more idle fetches."""
+
+    def create_worker_consumer(self, transport):
+        consumer = create(self, transport)
+        consumer._fetch_max_wait_ms = config.fetch_max_wait_ms
+        return consumer
+
+    return create_worker_consumer
+
+
+AIOKafkaConsumerThread._create_worker_consumer = _bounded_fetch_wait(AIOKafkaConsumerThread._create_worker_consumer)
 
 app = faust.App(
     config.app_id,
     broker=f"kafka://{config.bootstrap}",
     web_port=config.web_port,
-    web_bind="127.0.0.1",
     store="memory://",
     topic_partitions=config.partitions,
     topic_allow_declare=False,  # topics are created up front by `dtwin topics create`
@@ -44,15 +63,14 @@ app = faust.App(
 
 samples_topic = app.topic(topics.samples, key_type=bytes, value_type=bytes, key_serializer="raw",
                           value_serializer="raw", partitions=config.partitions)
-commands_topic = app.topic(topics.commands, key_serializer="raw", value_serializer="raw",
-                           partitions=config.partitions)
-dead_letter_topic = app.topic(topics.dead_letter, key_serializer="raw", value_serializer="raw",
-                              partitions=config.partitions)
 
-# Per-site window and pending decision. Keys are the site as bytes, exactly the record key, and the
-# changelog uses the producer's partitioner, so a key's changelog partition is its source partition.
+# Per-site window and pending decision, encoded by controller.state. Keys are the site as bytes,
+# exactly the record key, and the changelog uses the producer's partitioner, so a key's changelog
+# partition is its source partition.
+# Commands, dead letters and changelog records go out through send_raw (see there).
 windows = app.Table(WINDOW_TABLE, default=None, partitions=config.partitions, use_partitioner=True,
-                    schema=faust.Schema(key_type=bytes, key_serializer="raw", value_serializer="json"))
+                    schema=faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw",
+                                        value_serializer="raw"))
 
 
 class Runtime:
@@ -107,6 +125,15 @@ class Runtime:
 runtime = Runtime(config)
 
 
+async def send_raw(topic: str, key: bytes | None, value: bytes):
+    """Hand an already-encoded record to the producer; returns its delivery future.
+
+    Faust's ``Topic.send`` wraps every record in channel, schema and future-message layers that
+    cost about as much as the rest of the pipeline; these records need none of them.
+    """
+    return await app.producer.send(topic, key, value, partition=None, timestamp=None, headers=None)
+
+
 async def _deliver(futures: list) -> None:
     if futures:
         await asyncio.gather(*futures)
@@ -116,8 +143,6 @@ async def process_events(events) -> None:
     metrics = runtime.metrics
     engine = runtime.engine
     assert engine is not None and runtime.artifact is not None
-    metrics.samples.inc(len(events))
-    metrics.batch_size.observe(len(events))
     samples = []
     sample_events = []
     futures = []
@@ -130,44 +155,47 @@ async def process_events(events) -> None:
                 raise Rejected("key_mismatch", f"record key {msg.key!r} is not the site {sample.site!r}")
         except Rejected as rej:
             metrics.rejected.labels(rej.reason).inc()
-            futures.append(await dead_letter_topic.send(
-                key=msg.key, value=encode_dead_letter(ev.value, rej.reason, rej.detail, msg.topic, msg.partition,
-                                                      msg.offset, msg.key, now)))
+            futures.append(await send_raw(topics.dead_letter, msg.key, encode_dead_letter(
+                ev.value, rej.reason, rej.detail, msg.topic, msg.partition, msg.offset, msg.key, now)))
             continue
         samples.append(sample)
         sample_events.append(ev)
 
     sites = {s.site for s in samples}
-    states = {site: windows.get(site.encode()) for site in sites}
+    stored = {site: windows.data.get(site.encode()) for site in sites}
+    states = {site: decode_state(raw) if raw is not None else None for site, raw in stored.items()}
     result = engine.process(states, samples)
+    changelog = windows.changelog_topic.get_topic_name()
     for site, state in result.states.items():
-        windows[site.encode()] = state
+        # What Table.__setitem__ does (local store + changelog record), but through the same raw
+        # send path as the commands and awaited with them, so offsets commit only after it is stored.
+        key, value = site.encode(), encode_state(state)
+        windows.data[key] = value
+        futures.append(await send_raw(changelog, key, value))
 
     for idx, reason, detail in result.rejects:
         msg = sample_events[idx].message
-        futures.append(await dead_letter_topic.send(
-            key=msg.key, value=encode_dead_letter(sample_events[idx].value, reason, detail, msg.topic,
-                                                  msg.partition, msg.offset, msg.key, now)))
+        futures.append(await send_raw(topics.dead_letter, msg.key, encode_dead_letter(
+            sample_events[idx].value, reason, detail, msg.topic, msg.partition, msg.offset, msg.key, now)))
     version = runtime.artifact.version
     live = engine.live.name
     decided_at = time.time()
     command_futures = []
     for d in result.decisions:
-        command_futures.append(await commands_topic.send(
-            key=d.site.encode(), value=encode_command(d.site, d.ts, d.allocations[live], d.forecast, live, version,
-                                                      decided_at)))
+        command_futures.append(await send_raw(topics.commands, d.site.encode(), encode_command(
+            d.site, d.ts, d.allocations[live], d.forecast, live, version, decided_at)))
     await _deliver(futures + command_futures)
     sent_at = time.time()
     for i in result.decision_sample:
         metrics.end_to_end.observe(max(sent_at - sample_events[i].message.timestamp, 0.0))
     metrics.commands.inc(len(command_futures))
     metrics.observe(result)
+    metrics.batch_done(len(events))
 
 
 async def forward_events(events) -> None:
     """The null pipeline: parse each sample and produce one message for it, no model, no table."""
     metrics = runtime.metrics
-    metrics.samples.inc(len(events))
     futures = []
     for ev in events:
         try:
@@ -175,12 +203,13 @@ async def forward_events(events) -> None:
         except Rejected as rej:
             metrics.rejected.labels(rej.reason).inc()
             continue
-        futures.append(await commands_topic.send(key=ev.message.key, value=sample.to_json()))
+        futures.append(await send_raw(topics.commands, ev.message.key, sample.to_json()))
     await _deliver(futures)
     sent_at = time.time()
     for ev in events:
         metrics.end_to_end.observe(max(sent_at - ev.message.timestamp, 0.0))
     metrics.commands.inc(len(futures))
+    metrics.batch_done(len(events))
 
 
 @app.agent(samples_topic)
@@ -193,6 +222,9 @@ async def control(stream):
 
 @app.task
 async def start_metrics_endpoint() -> None:
+    # Faust's start-up spinner leaves the root logger at DEBUG whatever -l says, and then every
+    # aiokafka debug call in the produce path builds a LogRecord (about a tenth of the CPU).
+    logging.getLogger().setLevel(LOG_LEVELS[config.log_level])
     if config.metrics_port:
         from prometheus_client import start_http_server
 

@@ -28,9 +28,11 @@ class ControllerConfig:
     web_port: int = 6066  # DTWIN_WEB_PORT (Faust's web server)
     batch_size: int = 1000  # DTWIN_BATCH_SIZE: most samples per batch
     batch_within_ms: float = 10.0  # DTWIN_BATCH_WITHIN_MS: longest wait to fill a batch
+    fetch_max_wait_ms: int = 20  # DTWIN_FETCH_MAX_WAIT_MS: longest broker-side wait of a fetch
     metrics_max_sites: int = 20  # DTWIN_METRICS_MAX_SITES: sites with their own label series
     model_poll_seconds: float = 5.0  # DTWIN_MODEL_POLL_SECONDS: how often to look for a new artifact
     state_dir: str = "runs/controller-state"  # DTWIN_STATE_DIR: Faust's data directory
+    log_level: str = "warn"  # DTWIN_LOG_LEVEL: crit, error, warn, info or debug
     pipeline: str = "control"  # DTWIN_PIPELINE: control, or null (parse and forward, for benchmarks)
 
     @classmethod

@@ -25,7 +25,7 @@ SAMPLE_FIELDS = ("site", "ts", *KPI_NAMES)
 # Reasons a sample is rejected; each is a label value of dtwin_samples_rejected_total.
 REJECT_REASONS = ("malformed_json", "not_an_object", "missing_field", "unknown_field", "unsupported_schema",
                   "wrong_type", "not_finite", "negative_value", "bad_timestamp", "key_mismatch", "duplicate",
-                  "out_of_order")
+                  "out_of_order", "misaligned")
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,10 @@ def _number(body: dict, name: str) -> float:
     v = body[name]
     if isinstance(v, bool) or not isinstance(v, int | float):
         raise Rejected("wrong_type", f"{name} must be a number, got {type(v).__name__} {v!r}")
-    v = float(v)
+    try:
+        v = float(v)
+    except OverflowError:  # an integer literal beyond the float range
+        raise Rejected("not_finite", f"{name} is out of the floating-point range") from None
     if not math.isfinite(v):
         raise Rejected("not_finite", f"{name} is {v}")
     return v
@@ -69,6 +72,8 @@ def parse_sample(raw: bytes | str) -> Sample:
         raise Rejected("malformed_json", str(exc)) from None
     except ValueError as exc:  # e.g. NaN constants are JSON extensions Python accepts
         raise Rejected("malformed_json", str(exc)) from None
+    except RecursionError:  # deeply nested arrays/objects
+        raise Rejected("malformed_json", "nested too deeply") from None
     if not isinstance(body, dict):
         raise Rejected("not_an_object", f"expected a JSON object, got {type(body).__name__}")
     schema = body.pop("schema", SAMPLE_SCHEMA)
@@ -83,6 +88,10 @@ def parse_sample(raw: bytes | str) -> Sample:
     site = body["site"]
     if not isinstance(site, str) or not site:
         raise Rejected("wrong_type", f"site must be a non-empty string, got {site!r}")
+    try:
+        site.encode("utf-8")  # the site is the record key and the table key
+    except UnicodeEncodeError:
+        raise Rejected("wrong_type", f"site must be valid Unicode text, got {site!r}") from None
     ts = _number(body, "ts")
     if ts != int(ts) or ts < 0:
         raise Rejected("bad_timestamp", f"ts must be whole, non-negative epoch seconds, got {body['ts']!r}")

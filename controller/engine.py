@@ -5,8 +5,9 @@ as a JSON-able dict that the Faust table stores. Rules by timestamp, per site:
 
 * the first sample starts the window;
 * ``ts == last_ts + step`` appends; a pending decision for ``ts`` is scored with this sample;
-* ``ts == last_ts`` is a duplicate and ``ts < last_ts`` is out of order: both are rejected
-  (dead-lettered) and leave the state unchanged;
+* ``ts == last_ts`` is a duplicate, ``ts < last_ts`` is out of order, and a ``ts`` off the
+  site's grid (``(ts - last_ts) % step != 0``) is misaligned: all are rejected (dead-lettered)
+  and leave the state unchanged;
 * ``ts > last_ts + step`` is a gap: the pending decision cannot be scored, and the window
   restarts from this sample, since the model needs consecutive intervals;
 * once the window is full, every sample yields one decision for ``ts + step``: a forecast,
@@ -96,6 +97,10 @@ class Engine:
                     continue
                 if s.ts < last_ts:
                     rejects.append((i, "out_of_order", f"site {s.site}: ts {s.ts} is before {last_ts}"))
+                    continue
+                if (s.ts - last_ts) % self.step:
+                    rejects.append((i, "misaligned", f"site {s.site}: ts {s.ts} is not on the {self.step} s grid "
+                                                     f"of {last_ts}"))
                     continue
                 if s.ts > last_ts + self.step:
                     gaps += 1

@@ -13,7 +13,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from controller.engine import BatchResult
 from forecaster.core.metrics import MetricAccumulator
 
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25,
+                   0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 class LoopMetrics:
@@ -54,7 +55,10 @@ class LoopMetrics:
         self.abs_error = Gauge("dtwin_forecast_absolute_error_units", "Latest |forecast - actual|", registry=r)
         self.abs_error_mean = Gauge("dtwin_forecast_absolute_error_mean_units", "Running mean |forecast - actual|",
                                     registry=r)
-        self.samples = Counter("dtwin_samples_received", "KPI samples consumed", registry=r)
+        self.samples = Counter("dtwin_samples_received", "KPI samples consumed and processed (rejects included)",
+                               registry=r)
+        self.last_batch = Gauge("dtwin_last_batch_processed_timestamp_seconds",
+                                "Unix time the last batch of samples was fully processed", registry=r)
         self.commands = Counter("dtwin_commands_sent", "Allocation commands produced", registry=r)
         self.rejected = Counter("dtwin_samples_rejected", "Samples dead-lettered, by reason", ["reason"], registry=r)
         self.gaps = Counter("dtwin_window_gaps", "Samples after a gap in a site's series (window restarted)",
@@ -74,6 +78,13 @@ class LoopMetrics:
         for a in allocators:
             self.scored_total.labels(a)
             self.under_total.labels(a)
+        for result in ("loaded", "rejected"):
+            self.model_swaps.labels(result)
+
+    def batch_done(self, n_samples: int) -> None:
+        self.samples.inc(n_samples)
+        self.batch_size.observe(n_samples)
+        self.last_batch.set_to_current_time()
 
     def set_model(self, name: str, version: str, sha256: str) -> None:
         self.model_info.clear()
@@ -83,6 +94,7 @@ class LoopMetrics:
         s = result.scored
         if len(s):
             actual = np.asarray(s.actual)
+            latest = self._labelled_latest(s.sites)
             for a in self.allocators:
                 acc = self.accumulators[a]
                 alloc = np.asarray(s.allocations[a])
@@ -100,15 +112,12 @@ class LoopMetrics:
                 self.under_ratio.labels(a).set(summary["underprovisioning_rate"])
                 self.scored_total.labels(a).inc(len(actual))
                 self.under_total.labels(a).inc(int(m.underprovisioned.sum()))
-                for j, site in enumerate(s.sites):
-                    if site not in self.site_labels:
-                        if len(self.site_labels) >= self.max_sites:
-                            continue
-                        self.site_labels.add(site)
+                for site, j in latest.items():
                     self.site_efficiency.labels(a, site).set(m.efficiency[j])
                     self.site_over.labels(a, site).set(m.overprovisioning[j])
-                    if m.underprovisioned[j]:
-                        self.site_under.labels(a, site).inc()
+                for j in np.flatnonzero(m.underprovisioned):
+                    if s.sites[j] in self.site_labels:
+                        self.site_under.labels(a, s.sites[j]).inc()
             abs_error = np.abs(np.asarray(s.forecast) - actual)
             self.forecast_abs_error_sum += float(abs_error.sum())
             self.forecast_n += len(abs_error)
@@ -118,6 +127,17 @@ class LoopMetrics:
             self.rejected.labels(reason).inc()
         if result.gaps:
             self.gaps.inc(result.gaps)
+
+    def _labelled_latest(self, sites: list[str]) -> dict[str, int]:
+        """Index of each labelled site's latest interval in the batch; admits new sites up to the bound."""
+        latest: dict[str, int] = {}
+        for j, site in enumerate(sites):
+            if site not in self.site_labels:
+                if len(self.site_labels) >= self.max_sites:
+                    continue
+                self.site_labels.add(site)
+            latest[site] = j
+        return latest
 
     def summaries(self) -> dict[str, dict]:
         return {a: acc.summary() for a, acc in self.accumulators.items()}

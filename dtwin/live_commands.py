@@ -77,7 +77,7 @@ def controller_env(args: argparse.Namespace) -> dict[str, str]:
                "metrics_port": "DTWIN_METRICS_PORT", "web_port": "DTWIN_WEB_PORT", "policy": "DTWIN_POLICY",
                "sla_target": "DTWIN_SLA_TARGET", "partitions": "DTWIN_PARTITIONS",
                "capacity_floor": "DTWIN_CAPACITY_FLOOR", "capacity_ceiling": "DTWIN_CAPACITY_CEILING",
-               "state_dir": "DTWIN_STATE_DIR", "pipeline": "DTWIN_PIPELINE"}
+               "state_dir": "DTWIN_STATE_DIR", "pipeline": "DTWIN_PIPELINE", "log_level": "DTWIN_LOG_LEVEL"}
     return {var: str(getattr(args, k)) for k, var in mapping.items() if getattr(args, k, None) is not None}
 
 
@@ -138,7 +138,8 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction,
     p.add_argument("--pipeline", choices=("control", "null"), default=None, help=argparse.SUPPRESS)
     p.add_argument("--no-create-topics", action="store_true", help="do not create missing topics first")
     p.add_argument("--without-web", action="store_true", help="do not start Faust's web server")
-    p.add_argument("--log-level", default="warning", help="worker log level (default %(default)s)")
+    p.add_argument("--log-level", default="warn", choices=("crit", "error", "warn", "info", "debug"),
+                   help="worker log level (default %(default)s)")
     p.set_defaults(func=cmd_controller, topic_prefix=None, bootstrap=None)
 
     from dtwin import loop

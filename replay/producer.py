@@ -63,6 +63,8 @@ def replay(producer, topic: str, sites: list[Site], speed: float | None = None, 
             stats.failed += 1
 
     keys = [s.name.encode() for s in sites]
+    # Paced sends are spread evenly over each interval's period rather than sent as one burst.
+    gap = None if period is None else period / len(sites)
     t0 = time.perf_counter()
     bar = tqdm(total=total, desc="replay", unit="interval", disable=not progress)
     step = 0
@@ -74,7 +76,11 @@ def replay(producer, topic: str, sites: list[Site], speed: float | None = None, 
             idx = start
         # Recorded time offset of this interval; past a loop's wrap it keeps increasing.
         ts = base_ts + int(sites[0].timestamps[0]) + step_seconds * (start + step)
-        for site, key in zip(sites, keys, strict=True):
+        for k, (site, key) in enumerate(zip(sites, keys, strict=True)):
+            if gap is not None:
+                delay = t0 + (step * len(sites) + k) * gap - time.perf_counter()
+                if delay > 0.001:
+                    stop.wait(delay)
             fut = producer.send(topic, key=key, value=encode_sample(site.name, ts, site.values[idx]))
             fut.add_callback(on_ok)
             fut.add_errback(on_err)
@@ -82,10 +88,6 @@ def replay(producer, topic: str, sites: list[Site], speed: float | None = None, 
         step += 1
         idx += 1
         bar.update(1)
-        if period is not None:
-            delay = t0 + step * period - time.perf_counter()
-            if delay > 0:
-                stop.wait(delay)
     producer.flush()
     bar.close()
     stats.seconds = time.perf_counter() - t0

@@ -57,6 +57,7 @@ GAUGES = {
     "dtwin_forecast_absolute_error_mean_units",
     "dtwin_model_info",
     "dtwin_sla_target_ratio",
+    "dtwin_last_batch_processed_timestamp_seconds",
 }
 COUNTERS = {
     "dtwin_allocation_intervals_scored_total",
@@ -65,10 +66,13 @@ COUNTERS = {
     "dtwin_samples_received_total",
     "dtwin_commands_sent_total",
     "dtwin_samples_rejected_total",
+    "dtwin_model_swaps_total",
+    "dtwin_window_gaps_total",
 }
 HISTOGRAMS = {
     "dtwin_inference_batch_duration_seconds",
     "dtwin_end_to_end_latency_seconds",
+    "dtwin_batch_samples",
 }
 KNOWN_SERIES = (
     GAUGES | COUNTERS | {h + s for h in HISTOGRAMS for s in ("_bucket", "_sum", "_count")}
@@ -81,6 +85,7 @@ ALERT_NAMES = {
     "DtwinRejectsRising",
     "DtwinHighLatency",
     "DtwinControllerDown",
+    "DtwinModelRejected",
 }
 DTWIN_SERVICES = {"topics", "model", "controller", "replay"}
 SERVICES = DTWIN_SERVICES | {"kafka", "prometheus", "grafana"}
@@ -198,6 +203,25 @@ def test_promtool_test_rules() -> None:
     assert "SUCCESS" in res.stdout + res.stderr
 
 
+# --- the exporter's metric names ----------------------------------------------------------
+
+def test_metric_lists_match_the_exporter() -> None:
+    """GAUGES, COUNTERS and HISTOGRAMS are exactly what the real LoopMetrics registry exports."""
+    from controller.metrics import LoopMetrics
+
+    metrics = LoopMetrics(["ai_sla", "b1", "b2", "persistence_sla"], 0.01)
+    exported: dict[str, set[str]] = {"gauge": set(), "counter": set(), "histogram": set()}
+    for family in metrics.registry.collect():
+        assert family.type in exported, f"{family.name}: unexpected metric type {family.type}"
+        # prometheus-client drops the _total suffix from a counter family's name.
+        name = family.name + "_total" if family.type == "counter" else family.name
+        exported[family.type].add(name)
+    assert exported["gauge"] == GAUGES
+    assert exported["counter"] == COUNTERS
+    assert exported["histogram"] == HISTOGRAMS
+    assert set().union(*exported.values()) == GAUGES | COUNTERS | HISTOGRAMS
+
+
 # --- Prometheus config and alerts ----------------------------------------------------------
 
 def test_prometheus_scrapes_controller_every_5s() -> None:
@@ -218,11 +242,13 @@ def test_alert_rules_cover_the_expected_alerts() -> None:
     for r in rules:
         assert r["labels"]["severity"] in {"critical", "warning"}, r["alert"]
         assert r["annotations"].get("summary"), r["alert"]
-        # Counters are read through rate(), never raw (except the scored-intervals guard).
+        # Counters are read through rate() or increase(), never raw (except the scored-intervals
+        # guard).
         for counter in COUNTERS - {"dtwin_allocation_intervals_scored_total"}:
             for m in re.finditer(rf"\b{counter}\b", r["expr"]):
                 before = r["expr"][: m.start()].rstrip()
-                assert before.endswith("rate("), f"{r['alert']}: {counter} not under rate()"
+                assert before.endswith(("rate(", "increase(")), (
+                    f"{r['alert']}: {counter} not under rate() or increase()")
 
 
 def test_each_alert_is_tested_firing_and_silent() -> None:
@@ -268,6 +294,15 @@ def test_dashboard_structure() -> None:
             assert t.get("refId") and t.get("expr"), title
         g = p["gridPos"]
         assert g["x"] >= 0 and g["w"] > 0 and g["x"] + g["w"] <= 24, title
+    # No two top-level panels (rows included) share a grid cell. Panels inside a collapsed row
+    # are left out: Grafana keeps their expanded positions, which later panels may reuse.
+    cells: dict[tuple[int, int], str] = {}
+    for p in dash["panels"]:
+        g, title = p["gridPos"], p.get("title", "?")
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                assert (x, y) not in cells, f"{title} overlaps {cells[(x, y)]}"
+                cells[(x, y)] = title
     variables = {v["name"]: v for v in dash["templating"]["list"]}
     assert "site" in variables
     assert variables["site"]["datasource"]["uid"] == "prometheus"
