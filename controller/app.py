@@ -8,6 +8,7 @@ stores each site's window in a changelogged table, and produces commands and dea
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import time
@@ -69,8 +70,7 @@ samples_topic = app.topic(topics.samples, key_type=bytes, value_type=bytes, key_
 # partition is its source partition.
 # Commands, dead letters and changelog records go out through send_raw (see there).
 windows = app.Table(WINDOW_TABLE, default=None, partitions=config.partitions, use_partitioner=True,
-                    schema=faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw",
-                                        value_serializer="raw"))
+                    key_type=bytes, value_type=bytes)  # bytes types make Faust use the raw codec
 
 
 class Runtime:
@@ -134,6 +134,22 @@ async def send_raw(topic: str, key: bytes | None, value: bytes):
     return await app.producer.send(topic, key, value, partition=None, timestamp=None, headers=None)
 
 
+# Not a site: sites are non-empty text, this key starts with a NUL byte. Its value is empty.
+CHANGELOG_MARKER_KEY = b"\x00dtwin-changelog-marker"
+
+
+async def write_markers(changelog: str, partitions: set[int]) -> None:
+    """One marker record alone in its produce batch per changelog partition, after the batch's state.
+
+    Tansu reports a partition's end offset as the last produce batch's base offset + 1
+    (tools/repro_tansu_high_watermark.py), and Faust's recovery reads only up to that offset: it
+    would miss the state records that shared the last batch. A lone marker last puts the reported
+    end past all of them. Off (DTWIN_CHANGELOG_MARKERS=0) on Apache Kafka, which needs none.
+    """
+    await _deliver([await app.producer.send(changelog, CHANGELOG_MARKER_KEY, b"", partition=p, timestamp=None,
+                                            headers=None) for p in sorted(partitions)])
+
+
 async def _deliver(futures: list) -> None:
     if futures:
         await asyncio.gather(*futures)
@@ -166,12 +182,13 @@ async def process_events(events) -> None:
     states = {site: decode_state(raw) if raw is not None else None for site, raw in stored.items()}
     result = engine.process(states, samples)
     changelog = windows.changelog_topic.get_topic_name()
+    state_futures = []
     for site, state in result.states.items():
         # What Table.__setitem__ does (local store + changelog record), but through the same raw
         # send path as the commands and awaited with them, so offsets commit only after it is stored.
         key, value = site.encode(), encode_state(state)
         windows.data[key] = value
-        futures.append(await send_raw(changelog, key, value))
+        state_futures.append(await send_raw(changelog, key, value))
 
     for idx, reason, detail in result.rejects:
         msg = sample_events[idx].message
@@ -184,7 +201,9 @@ async def process_events(events) -> None:
     for d in result.decisions:
         command_futures.append(await send_raw(topics.commands, d.site.encode(), encode_command(
             d.site, d.ts, d.allocations[live], d.forecast, live, version, decided_at)))
-    await _deliver(futures + command_futures)
+    await _deliver(futures + command_futures + state_futures)
+    if config.changelog_markers and state_futures:
+        await write_markers(changelog, {fut.result().partition for fut in state_futures})
     sent_at = time.time()
     for i in result.decision_sample:
         metrics.end_to_end.observe(max(sent_at - sample_events[i].message.timestamp, 0.0))
@@ -225,6 +244,11 @@ async def start_metrics_endpoint() -> None:
     # Faust's start-up spinner leaves the root logger at DEBUG whatever -l says, and then every
     # aiokafka debug call in the produce path builds a LogRecord (about a tenth of the CPU).
     logging.getLogger().setLevel(LOG_LEVELS[config.log_level])
+    # The worker allocates many short-lived objects per record; moving the start-up heap out of the
+    # collector's view and collecting less often keeps collector pauses out of the latency tail.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(config.gc_gen0_threshold, 20, 100)
     if config.metrics_port:
         from prometheus_client import start_http_server
 

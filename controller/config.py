@@ -29,6 +29,8 @@ class ControllerConfig:
     batch_size: int = 1000  # DTWIN_BATCH_SIZE: most samples per batch
     batch_within_ms: float = 10.0  # DTWIN_BATCH_WITHIN_MS: longest wait to fill a batch
     fetch_max_wait_ms: int = 20  # DTWIN_FETCH_MAX_WAIT_MS: longest broker-side wait of a fetch
+    changelog_markers: bool = True  # DTWIN_CHANGELOG_MARKERS: work around Tansu's end offsets (0 to disable)
+    gc_gen0_threshold: int = 50_000  # DTWIN_GC_GEN0_THRESHOLD: allocations between young-generation collections
     metrics_max_sites: int = 20  # DTWIN_METRICS_MAX_SITES: sites with their own label series
     model_poll_seconds: float = 5.0  # DTWIN_MODEL_POLL_SECONDS: how often to look for a new artifact
     state_dir: str = "runs/controller-state"  # DTWIN_STATE_DIR: Faust's data directory
@@ -45,6 +47,8 @@ class ControllerConfig:
                 continue
             if f.name == "capacity_ceiling":
                 kwargs[f.name] = _opt_float(raw)
+            elif f.type == "bool":
+                kwargs[f.name] = raw.strip().lower() not in ("0", "false", "no", "off", "")
             elif f.type in ("int",):
                 kwargs[f.name] = int(raw)
             elif f.type in ("float",):

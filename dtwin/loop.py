@@ -243,23 +243,27 @@ def histogram_quantiles(before: dict, after: dict, name: str, qs: tuple[float, .
 
 
 def measure_drain(controller: ControllerProcess, n: int, timeout: float) -> float:
-    """Samples/s from the first processed batch until all ``n`` samples are processed.
+    """Samples/s while the worker drains ``n`` pre-loaded samples, between 10 % and 90 % done.
 
-    Times come from the worker's own last-batch timestamp, so the polling interval adds no error.
+    The ends are left out because a fresh worker ramps up as its partitions are assigned and the
+    last batches are partial. Times are the worker's own last-batch timestamps, so the polling
+    interval adds no error.
     """
-    first: dict = {}
+    points: list[tuple[float, float]] = []
 
     def progress() -> float:
         m = controller.metrics() or {}
         received = value(m, "dtwin_samples_received_total")
-        if received > 0 and not first:
-            first.update(count=received, at=value(m, "dtwin_last_batch_processed_timestamp_seconds"))
+        if received > 0 and (not points or received > points[-1][1]):
+            points.append((value(m, "dtwin_last_batch_processed_timestamp_seconds"), received))
         return received
 
-    wait_until(lambda: progress() > 0, timeout, 0.5, "the worker to start processing", controller.alive)
-    wait_until(lambda: progress() >= n, timeout, 0.5, "the worker to drain the topic", controller.alive)
-    end = value(controller.metrics() or {}, "dtwin_last_batch_processed_timestamp_seconds")
-    return (n - first["count"]) / (end - first["at"])
+    wait_until(lambda: progress() >= n, timeout, 0.25, "the worker to drain the topic", controller.alive)
+    start = next(p for p in points if p[1] >= 0.1 * n)
+    end = next(p for p in points if p[1] >= 0.9 * n)
+    if end[0] <= start[0]:  # drained between two polls: fall back to the whole span
+        start, end = points[0], points[-1]
+    return (end[1] - start[1]) / (end[0] - start[0])
 
 
 def measure_paced_latency(ctl: ControllerProcess, bootstrap: str, topics: Topics, sites: list, start: int,
@@ -298,24 +302,27 @@ def cmd_bench_loop(args: argparse.Namespace) -> int:
     n = per_site * args.sites
     result: dict = {"samples": n, "sites": args.sites, "partitions": args.partitions, "batch_size": 1000}
     with broker_for(args) as bootstrap:
-        rates = {}
-        for pipeline in ("null", "control"):
-            topics = Topics(f"bench-{pipeline}.")
-            create_topics(bootstrap, topics, args.partitions, app_id=f"bench-{pipeline}")
-            producer = make_producer(bootstrap)
-            stats = replay(producer, topics.samples, sites, limit=per_site, progress=False)
-            producer.close()
-            print(f"{pipeline}: pre-loaded {stats.acked} samples", flush=True)
-            ctl = start_controller(bootstrap, model_dir, run_dir, topics.prefix, f"bench-{pipeline}",
-                                   args.partitions, pipeline=pipeline, log_name=f"bench-{pipeline}.log")
-            try:
-                rates[pipeline] = measure_drain(ctl, stats.acked, args.timeout)
-                print(f"{pipeline}: drained at {rates[pipeline]:,.0f} samples/s", flush=True)
-                if pipeline == "control":
-                    result.update(measure_paced_latency(ctl, bootstrap, topics, sites, per_site, stats.acked,
-                                                        0.5 * rates["control"], args.latency_seconds, args.timeout))
-            finally:
-                ctl.stop()
+        rates: dict[str, list[float]] = {"null": [], "control": []}
+        for round_ in range(args.repeat):
+            for pipeline in ("null", "control"):
+                name = f"bench-{pipeline}-{round_}"
+                topics = Topics(f"{name}.")
+                create_topics(bootstrap, topics, args.partitions, app_id=name)
+                producer = make_producer(bootstrap)
+                stats = replay(producer, topics.samples, sites, limit=per_site, progress=False)
+                producer.close()
+                ctl = start_controller(bootstrap, model_dir, run_dir, topics.prefix, name, args.partitions,
+                                       pipeline=pipeline, log_name=f"{name}.log")
+                try:
+                    rates[pipeline].append(measure_drain(ctl, stats.acked, args.timeout))
+                    print(f"round {round_ + 1}/{args.repeat} {pipeline}: drained {stats.acked} samples at "
+                          f"{rates[pipeline][-1]:,.0f} samples/s", flush=True)
+                    if pipeline == "control" and round_ == args.repeat - 1:
+                        paced = 0.5 * float(np.median(rates["control"]))
+                        result.update(measure_paced_latency(ctl, bootstrap, topics, sites, per_site, stats.acked,
+                                                            paced, args.latency_seconds, args.timeout))
+                finally:
+                    ctl.stop()
     art = load_artifact(model_dir)
     x = np.random.default_rng(0).uniform(0, 1000, (1000, art.window, len(art.features))).astype(np.float32)
     art.predict(x)
@@ -324,10 +331,11 @@ def cmd_bench_loop(args: argparse.Namespace) -> int:
         art.predict(x)
         done += len(x)
     inference = done / (time.perf_counter() - t0)
+    drain, null = float(np.median(rates["control"])), float(np.median(rates["null"]))
     result.update({
-        "drain_rate": rates["control"], "null_rate": rates["null"], "inference_rate": inference,
-        "ratio_drain_to_null": rates["control"] / rates["null"],
-        "ratio_drain_to_inference": rates["control"] / inference,
+        "drain_rate": drain, "null_rate": null, "inference_rate": inference,
+        "ratio_drain_to_null": drain / null, "ratio_drain_to_inference": drain / inference,
+        "drain_rates": rates["control"], "null_rates": rates["null"], "repeat": args.repeat,
         "model_version": art.version,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
     })
@@ -369,5 +377,7 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     p.add_argument("--samples", type=int, default=50_000, help="samples to pre-load (default %(default)s)")
     p.add_argument("--sites", type=int, default=100, help="sites (default %(default)s)")
     p.add_argument("--latency-seconds", type=float, default=20.0, help="length of the paced phase (default 20)")
+    p.add_argument("--repeat", type=int, default=2,
+                   help="interleaved null/control rounds; rates are their medians (default %(default)s)")
     p.add_argument("--json", default=None, help="write the results as JSON")
     p.set_defaults(func=cmd_bench_loop)

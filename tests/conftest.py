@@ -50,3 +50,24 @@ def broken_copy(tmp_path: Path, data_dir: Path) -> Path:
             head = [next(fh) for _ in range(COPY_LINES)]
         (dest / "data_series" / f"{sid}.txt").write_text("".join(head), encoding="utf-8")
     return dest
+
+
+@pytest.fixture(scope="session")
+def broker():
+    from dtwin.broker import EmbeddedBroker
+
+    with EmbeddedBroker() as b:
+        yield b
+
+
+@pytest.fixture(scope="session")
+def artifact_dir(tmp_path_factory, real_site) -> Path:
+    """A tiny production model trained on the real data (3 epochs), exported and verified."""
+    from export.onnx_export import export_model
+    from forecaster.train import TRAIN_PRESETS, make_checkpoint, prepare, train, with_epochs
+
+    prep = prepare(real_site)
+    trained = train("delta_mlp", prep, with_epochs(TRAIN_PRESETS["delta_mlp"], 3), progress=False)
+    out = tmp_path_factory.mktemp("artifact") / "model"
+    export_model(trained.model, make_checkpoint(trained, prep), out)
+    return out

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,33 +21,12 @@ from forecaster.core.metrics import summarize
 from forecaster.core.windows import make_windows
 from replay.producer import DEFAULT_BASE_TS, make_producer, replay
 from replay.sites import replay_sites
+from tests.kafka_util import WAIT, read_topic
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(600)]
 
 INTERVALS = 1100  # per site: 2 sites x 1100 = 2,200 real samples
 STEP = 300
-WAIT = 240.0
-
-
-@pytest.fixture(scope="module")
-def broker():
-    from dtwin.broker import EmbeddedBroker
-
-    with EmbeddedBroker() as b:
-        yield b
-
-
-@pytest.fixture(scope="module")
-def artifact_dir(tmp_path_factory, real_site) -> Path:
-    """A tiny production model trained on the real data (3 epochs), exported and verified."""
-    from export.onnx_export import export_model
-    from forecaster.train import TRAIN_PRESETS, make_checkpoint, prepare, train, with_epochs
-
-    prep = prepare(real_site)
-    trained = train("delta_mlp", prep, with_epochs(TRAIN_PRESETS["delta_mlp"], 3), progress=False)
-    out = tmp_path_factory.mktemp("artifact") / "model"
-    export_model(trained.model, make_checkpoint(trained, prep), out)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -63,29 +41,6 @@ def controllers(broker, artifact_dir, tmp_path_factory):
     yield started
     for c in started.values():
         c.stop()
-
-
-def read_topic(bootstrap: str, topic: str, expected: int, timeout: float = 60.0) -> list:
-    """All records of a topic, read by partition assignment (no consumer group)."""
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, consumer_timeout_ms=2000)
-    try:
-        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
-        consumer.assign(parts)
-        consumer.seek_to_beginning(*parts)
-        records: list = []
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            batch = consumer.poll(timeout_ms=500)
-            for recs in batch.values():
-                records.extend(recs)
-            ends = consumer.end_offsets(parts)
-            if len(records) >= expected and all(consumer.position(p) >= ends[p] for p in parts):
-                break
-        return records
-    finally:
-        consumer.close()
 
 
 def wait_for_samples(ctl: ControllerProcess, n: int) -> dict:
