@@ -204,9 +204,7 @@ async def process_events(events) -> None:
     await _deliver(futures + command_futures + state_futures)
     if config.changelog_markers and state_futures:
         await write_markers(changelog, {fut.result().partition for fut in state_futures})
-    sent_at = time.time()
-    for i in result.decision_sample:
-        metrics.end_to_end.observe(max(sent_at - sample_events[i].message.timestamp, 0.0))
+    metrics.observe_latency(sample_events[i].message for i in result.decision_sample)
     metrics.commands.inc(len(command_futures))
     metrics.observe(result)
     metrics.batch_done(len(events))
@@ -224,9 +222,7 @@ async def forward_events(events) -> None:
             continue
         futures.append(await send_raw(topics.commands, ev.message.key, sample.to_json()))
     await _deliver(futures)
-    sent_at = time.time()
-    for ev in events:
-        metrics.end_to_end.observe(max(sent_at - ev.message.timestamp, 0.0))
+    metrics.observe_latency(ev.message for ev in events)
     metrics.commands.inc(len(futures))
     metrics.batch_done(len(events))
 

@@ -72,6 +72,7 @@ COUNTERS = {
 HISTOGRAMS = {
     "dtwin_inference_batch_duration_seconds",
     "dtwin_end_to_end_latency_seconds",
+    "dtwin_produce_to_command_latency_seconds",
     "dtwin_batch_samples",
 }
 KNOWN_SERIES = (
