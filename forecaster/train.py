@@ -109,7 +109,7 @@ def train(kind: str, prep: Prepared, config: TrainConfig | None = None, progress
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += float(loss) * len(idx)
+            total += loss.item() * len(idx)
         pred_val = predict(model, x_val)
         val_mae = mae(y_val, pred_val)
         val_loss = rmse(y_val, pred_val) if cfg.loss == "mse" else val_mae
