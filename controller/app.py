@@ -60,6 +60,10 @@ app = faust.App(
     consumer_auto_offset_reset="earliest",
     datadir=config.state_dir,
     producer_acks=-1,
+    # Faust's 60 s default keeps a dead worker's partitions idle for a minute or two (Tansu also
+    # waits out the session of a worker that stopped cleanly); 10 s moves them on quickly.
+    broker_session_timeout=config.session_timeout_seconds,
+    broker_heartbeat_interval=min(3.0, config.session_timeout_seconds / 3),
 )
 
 samples_topic = app.topic(topics.samples, key_type=bytes, value_type=bytes, key_serializer="raw",

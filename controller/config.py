@@ -28,6 +28,7 @@ class ControllerConfig:
     web_port: int = 6066  # DTWIN_WEB_PORT (Faust's web server)
     batch_size: int = 1000  # DTWIN_BATCH_SIZE: most samples per batch
     batch_within_ms: float = 10.0  # DTWIN_BATCH_WITHIN_MS: longest wait to fill a batch
+    session_timeout_seconds: float = 10.0  # DTWIN_SESSION_TIMEOUT_SECONDS: a lost worker's partitions move after this
     fetch_max_wait_ms: int = 20  # DTWIN_FETCH_MAX_WAIT_MS: longest broker-side wait of a fetch
     changelog_markers: bool = True  # DTWIN_CHANGELOG_MARKERS: work around Tansu's end offsets (0 to disable)
     gc_gen0_threshold: int = 50_000  # DTWIN_GC_GEN0_THRESHOLD: allocations between young-generation collections
