@@ -304,10 +304,12 @@ def cmd_bench_loop(args: argparse.Namespace) -> int:
     sites = replay_sites(args.sites, base=None, seed=args.synthetic_seed, n_steps=per_site + 2000)
     n = per_site * args.sites
     result: dict = {"samples": n, "sites": args.sites, "partitions": args.partitions, "batch_size": 1000}
-    with broker_for(args) as bootstrap:
-        rates: dict[str, list[float]] = {"null": [], "control": []}
-        for round_ in range(args.repeat):
-            for pipeline in ("null", "control"):
+    rates: dict[str, list[float]] = {"null": [], "control": []}
+    for round_ in range(args.repeat):
+        for pipeline in ("null", "control"):
+            # A fresh embedded broker per phase: Tansu's in-memory log slows as it fills, which
+            # would penalize whichever phase runs later.
+            with broker_for(args) as bootstrap:
                 name = f"bench-{pipeline}-{round_}"
                 topics = Topics(f"{name}.")
                 create_topics(bootstrap, topics, args.partitions, app_id=name)
