@@ -62,7 +62,3 @@ class ControllerConfig:
         if cfg.pipeline not in ("control", "null"):
             raise ValueError(f"DTWIN_PIPELINE must be control or null, got {cfg.pipeline!r}")
         return cfg
-
-    def to_env(self) -> dict[str, str]:
-        return {f"DTWIN_{f.name.upper()}": "" if getattr(self, f.name) is None else str(getattr(self, f.name))
-                for f in fields(self)}

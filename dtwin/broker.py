@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -84,9 +83,3 @@ class EmbeddedBroker:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-@contextlib.contextmanager
-def running_broker(port: int | None = None) -> Iterator[EmbeddedBroker]:
-    with EmbeddedBroker(port) as broker:
-        yield broker

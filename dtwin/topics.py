@@ -3,7 +3,6 @@ while joining its group)."""
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 
@@ -34,10 +33,6 @@ class Topics:
 
     def all(self, app_id: str = APP_ID) -> list[str]:
         return [self.samples, self.commands, self.dead_letter, self.changelog(app_id)]
-
-    @classmethod
-    def from_env(cls) -> Topics:
-        return cls(os.environ.get("DTWIN_TOPIC_PREFIX", DEFAULT_PREFIX))
 
 
 def create_topics(bootstrap: str, topics: Topics, partitions: int = DEFAULT_PARTITIONS, app_id: str = APP_ID,
