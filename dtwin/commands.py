@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
-from dtwin.cli import add_data_args, env, load_site_from_args
+from dtwin.cli import add_data_args, load_site_from_args
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -57,4 +56,4 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     from dtwin import live_commands
 
-    live_commands.register(sub, bench, env=env, os=os)
+    live_commands.register(sub, bench)

