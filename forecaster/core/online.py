@@ -1,0 +1,86 @@
+"""Online, per-site SLA headroom: a conformal quantile tracker (adaptive conformal inference /
+the conformal PID controller's quantile step).
+
+Per site, the allocation for the next interval is ``base + q * scale``: ``base`` is the point
+forecast (or the last value, for persistence), ``scale`` the mean internet level of the window
+(:func:`window_scale`), so ``q`` is a scale-free headroom and one step size fits sites of any level.
+When the interval's actual arrives::
+
+    miss = actual > allocation
+    q   <- q + eta * (miss - target)
+
+A miss raises ``q`` by ``eta * (1 - target)``, a hit lowers it by ``eta * target``; over any
+stretch of ``T`` intervals the miss rate is within ``(q_max - q_min + eta) / (eta * T)`` of the
+target, whatever the data do (Angelopoulos et al., "Conformal PID Control", 2023, Prop. 1).
+``q`` is clipped to ``[Q_MIN, Q_MAX]`` so one outage cannot wind it up without bound.
+
+Considered: MAPIE's time-series ACI refits a scikit-learn estimator per step and keeps its own
+state; the live controller needs two floats per site that fit in the site's table record, and the
+same three lines offline, so the rule lives here and both sides call it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+DEFAULT_ETA = 0.02
+SCALE_FLOOR = 1.0  # demand units: keeps the scale positive through outages (the data has zeros)
+Q_MIN, Q_MAX = -1.0, 5.0
+
+
+def window_scale(internet_window: np.ndarray) -> np.ndarray:
+    """Scale of each window ``[N, window]`` (or ``[window]``): its mean internet level, floored."""
+    w = np.asarray(internet_window, dtype=np.float64)
+    return np.maximum(w.mean(axis=-1), SCALE_FLOOR)
+
+
+def initial_headroom(base: np.ndarray, actual: np.ndarray, scale: np.ndarray, target: float) -> float:
+    """Start value of ``q``: the ``1 - target`` quantile of the scale-free calibration residuals."""
+    r = (np.asarray(actual, np.float64) - np.asarray(base, np.float64)) / np.asarray(scale, np.float64)
+    if r.size == 0:
+        raise ValueError("initial_headroom needs calibration residuals")
+    return float(np.clip(np.quantile(r, 1.0 - target), Q_MIN, Q_MAX))
+
+
+@dataclass(frozen=True)
+class OnlineHeadroom:
+    """The tracker's settings; its state is one float ``q`` per site."""
+
+    q0: float
+    eta: float = DEFAULT_ETA
+    target: float = 0.01
+
+    def allocate(self, base: np.ndarray, scale: np.ndarray, q: np.ndarray) -> np.ndarray:
+        return np.asarray(base, np.float64) + np.asarray(q, np.float64) * np.asarray(scale, np.float64)
+
+    def update(self, q: np.ndarray, allocated: np.ndarray, actual: np.ndarray) -> np.ndarray:
+        miss = np.asarray(actual, np.float64) > np.asarray(allocated, np.float64)
+        return np.clip(np.asarray(q, np.float64) + self.eta * (miss - self.target), Q_MIN, Q_MAX)
+
+    def run(self, base: np.ndarray, scale: np.ndarray, actual: np.ndarray, q: float | None = None,
+            floor: float = 0.0, ceiling: float | None = None) -> tuple[np.ndarray, float]:
+        """One site's series in time order: allocations and the final ``q``.
+
+        ``floor``/``ceiling`` bound each allocation (as the live allocator does) before it is scored
+        and before the tracker learns from it.
+        """
+        base = np.asarray(base, np.float64)
+        scale = np.asarray(scale, np.float64)
+        actual = np.asarray(actual, np.float64)
+        out = np.empty(base.shape)
+        cur = self.q0 if q is None else float(q)
+        hi = np.inf if ceiling is None else ceiling
+        for i in range(base.size):
+            a = min(max(base[i] + cur * scale[i], floor), hi)
+            out[i] = a
+            cur = min(max(cur + self.eta * ((actual[i] > a) - self.target), Q_MIN), Q_MAX)
+        return out, cur
+
+    def to_dict(self) -> dict[str, float]:
+        return {"q0": self.q0, "eta": self.eta, "target": self.target}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> OnlineHeadroom:
+        return cls(q0=float(d["q0"]), eta=float(d.get("eta", DEFAULT_ETA)), target=float(d["target"]))
