@@ -17,13 +17,13 @@ from pathlib import Path
 import faust
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 
+from contracts.messages import Rejected, encode_command, encode_dead_letter, parse_sample
+from contracts.state import decode_state, encode_state
+from contracts.topics import WINDOW_TABLE, Topics
 from controller.config import ControllerConfig
-from controller.contracts import Rejected, encode_command, encode_dead_letter, parse_sample
 from controller.engine import Engine
 from controller.metrics import LoopMetrics
 from controller.policy import SHADOW_NAMES, allocators_from_manifest, live_name
-from controller.state import decode_state, encode_state
-from dtwin.topics import WINDOW_TABLE, Topics
 from export.artifact import MANIFEST_FILE, ArtifactError, ModelArtifact, load_artifact
 
 log = logging.getLogger("dtwin.controller")

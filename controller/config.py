@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 
-from dtwin.topics import APP_ID, DEFAULT_PARTITIONS, DEFAULT_PREFIX
+from contracts.topics import APP_ID, DEFAULT_PARTITIONS, DEFAULT_PREFIX
 
 
 def _opt_float(v: str | None) -> float | None:

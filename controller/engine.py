@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from controller.contracts import Sample
+from contracts.messages import Sample
 from forecaster.core.allocators import Allocator
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from kafka.partitioner.default import murmur2
 from tqdm import tqdm
 
-from controller.contracts import encode_sample
+from contracts.messages import encode_sample
 from forecaster.data import Site
 
 DEFAULT_BASE_TS = 1_704_067_200  # 2024-01-01T00:00:00Z: day-aligned, so time of day is preserved

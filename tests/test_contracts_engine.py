@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 
-from controller.contracts import (
+from contracts.messages import (
     COMMAND_SCHEMA,
     DEAD_LETTER_SCHEMA,
     REJECT_REASONS,

@@ -12,10 +12,11 @@ import time
 import numpy as np
 import pytest
 
-from controller.contracts import encode_sample
+from contracts.messages import encode_sample
+from contracts.topics import Topics
 from controller.policy import allocators_from_manifest
-from dtwin.loop import ControllerProcess, scrape, start_controller, value, wait_until
-from dtwin.topics import Topics, create_topics
+from dtwin.runner import ControllerProcess, scrape, start_controller, value, wait_until
+from dtwin.topics import create_topics
 from export.artifact import load_artifact
 from forecaster.core.metrics import summarize
 from forecaster.core.windows import make_windows
@@ -52,7 +53,7 @@ def wait_for_samples(ctl: ControllerProcess, n: int) -> dict:
 
 def test_every_interval_gets_exactly_one_command_and_live_metrics_equal_offline(broker, controllers, artifact_dir,
                                                                                 real_site):
-    sites = [s.slice(0, INTERVALS) for s in replay_sites(2, base=real_site)]
+    sites = [s.slice(0, INTERVALS) for s in replay_sites(2, bases=[real_site])]
     topics = Topics("it-clean.")
     producer = make_producer(broker.bootstrap)
     stats = replay(producer, topics.samples, sites, progress=False)

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from dtwin.loop import start_controller, value, wait_until
-from dtwin.topics import Topics, create_topics
+from contracts.topics import Topics
+from dtwin.runner import start_controller, value, wait_until
+from dtwin.topics import create_topics
 from replay.producer import DEFAULT_BASE_TS, make_producer, replay
 from replay.sites import replay_sites
 from tests.kafka_util import WAIT, read_topic
@@ -44,7 +45,7 @@ def test_restarted_worker_resumes_windows_and_swaps_models_hot(own_broker, artif
     create_topics(broker.bootstrap, topics, partitions=2, app_id=app_id)
     model_dir = tmp_path / "current"
     shutil.copytree(artifact_dir, model_dir)
-    sites = [s.slice(0, 60) for s in replay_sites(3, base=real_site)]
+    sites = [s.slice(0, 60) for s in replay_sites(3, bases=[real_site])]
     env = {"DTWIN_MODEL_POLL_SECONDS": "1"}
 
     first = start_controller(broker.bootstrap, model_dir, tmp_path, topics.prefix, app_id, 2, extra_env=env,

@@ -16,8 +16,9 @@ import time
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from contracts.topics import Topics
 from dtwin.broker import EmbeddedBroker
-from dtwin.topics import Topics, create_topics
+from dtwin.topics import create_topics
 
 
 async def latencies(bootstrap: str, topic: str, fetch_max_wait_ms: int, n: int = 500,

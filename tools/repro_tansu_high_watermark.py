@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
+from contracts.topics import Topics
 from dtwin.broker import EmbeddedBroker
-from dtwin.topics import Topics, create_topics
+from dtwin.topics import create_topics
 
 
 def main() -> None:

@@ -1,0 +1,169 @@
+"""Running the loop's processes for `dtwin up`, the benchmarks and the tests: controller workers,
+their metrics, the broker to use, and waiting on conditions."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from dtwin.args import env, load_site_from_args
+
+ROOT_RUNS = Path("runs")
+
+
+def scrape(port: int, timeout: float = 2.0) -> dict[str, dict[tuple, float]]:
+    """Prometheus text → {metric sample name: {label tuple: value}}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as resp:
+        text = resp.read().decode()
+    out: dict[str, dict[tuple, float]] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def value(metrics: dict, name: str, **labels: str) -> float:
+    return metrics.get(name, {}).get(tuple(sorted(labels.items())), 0.0)
+
+
+@dataclass
+class ControllerProcess:
+    process: subprocess.Popen
+    metrics_port: int
+    log_path: Path
+
+    def metrics(self) -> dict | None:
+        try:
+            return scrape(self.metrics_port)
+        except OSError:
+            return None
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_controller(bootstrap: str, model_dir: Path, run_dir: Path, topic_prefix: str, app_id: str,
+                     partitions: int, pipeline: str = "control", extra_env: dict[str, str] | None = None,
+                     log_name: str = "controller.log") -> ControllerProcess:
+    from dtwin.broker import free_port
+
+    metrics_port, web_port = free_port(), free_port()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    env_vars = {**os.environ, "DTWIN_BOOTSTRAP": bootstrap, "DTWIN_MODEL_DIR": str(model_dir),
+                "DTWIN_METRICS_PORT": str(metrics_port), "DTWIN_WEB_PORT": str(web_port),
+                "DTWIN_TOPIC_PREFIX": topic_prefix, "DTWIN_APP_ID": app_id, "DTWIN_PARTITIONS": str(partitions),
+                "DTWIN_STATE_DIR": str(run_dir / f"state-{app_id}"), "DTWIN_PIPELINE": pipeline,
+                **(extra_env or {})}
+    log_path = run_dir / log_name
+    log = open(log_path, "ab")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "dtwin", "controller", "--log-level", "warn"],
+                            stdout=log, stderr=subprocess.STDOUT, env=env_vars, start_new_session=True)
+    return ControllerProcess(proc, metrics_port, log_path)
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.2, what: str = "condition",
+               alive=lambda: True) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if not alive():
+            raise RuntimeError(f"process exited while waiting for {what}")
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@contextlib.contextmanager
+def broker_for(args: argparse.Namespace):
+    if args.bootstrap:
+        yield args.bootstrap
+        return
+    from dtwin.broker import EmbeddedBroker
+
+    run_dir = Path(args.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with EmbeddedBroker(args.broker_port or None, log_path=run_dir / "broker.log") as broker:
+        print(f"embedded broker (Tansu) on {broker.bootstrap}", flush=True)
+        yield broker.bootstrap
+
+
+def histogram_quantiles(before: dict, after: dict, name: str, qs: tuple[float, ...]) -> dict[float, float]:
+    """Quantiles of the observations between two scrapes, interpolated in buckets (as histogram_quantile)."""
+    buckets = []
+    for key, v in after.get(f"{name}_bucket", {}).items():
+        le = float(dict(key)["le"])
+        buckets.append((le, v - before.get(f"{name}_bucket", {}).get(key, 0.0)))
+    buckets.sort()
+    total = buckets[-1][1] if buckets else 0.0
+    out = {}
+    for q in qs:
+        if total <= 0:
+            out[q] = float("nan")
+            continue
+        rank = q * total
+        prev_le, prev_c = 0.0, 0.0
+        for le, c in buckets:
+            if c >= rank:
+                if le == float("inf"):
+                    out[q] = prev_le
+                else:
+                    out[q] = prev_le + (le - prev_le) * ((rank - prev_c) / max(c - prev_c, 1e-12))
+                break
+            prev_le, prev_c = le, c
+    return out
+
+
+def ensure_model(model_dir: Path, args: argparse.Namespace) -> Path:
+    """Use the artifact in ``model_dir``, or train and export the production model into it."""
+    if (model_dir / "manifest.json").is_file():
+        return model_dir
+    print(f"no model artifact in {model_dir}: training the production model (first use)", flush=True)
+    from export.onnx_export import export_model
+    from forecaster.models import PRODUCTION_KIND
+    from forecaster.train import make_checkpoint, prepare, save_checkpoint, train
+
+    prep = prepare(load_site_from_args(args))
+    trained = train(PRODUCTION_KIND, prep)
+    ckpt = make_checkpoint(trained, prep)
+    save_checkpoint(ckpt, model_dir.parent / f"{model_dir.name}.pt")
+    export_model(trained.model, ckpt, model_dir)
+    return model_dir
+
+
+def default_model_dir(args: argparse.Namespace) -> Path:
+    from forecaster.data import resolve_data_dir
+
+    data = resolve_data_dir(args.data)
+    if data is None:
+        return Path("artifacts") / "synthetic"
+    chosen = ("sites-" + "-".join(map(str, args.site_ids))) if args.site_ids else (args.series or "paper")
+    return Path("artifacts") / f"{data.name}-{chosen.replace(',', '-')}"
+
+
+def add_loop_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bootstrap", default=None, help="use this Kafka instead of starting the embedded broker")
+    p.add_argument("--broker-port", type=int, default=0, help="embedded broker port (default: a free one)")
+    p.add_argument("--model-dir", default=None,
+                   help="model artifact; trained and exported on first use if missing (default artifacts/<data>)")
+    p.add_argument("--partitions", type=int, default=int(env("DTWIN_PARTITIONS", "4")))
+    p.add_argument("--run-dir", default=str(ROOT_RUNS), help="logs and worker state (default %(default)s)")
+    p.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds of waiting")
