@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -23,9 +24,17 @@ DEAD_LETTER_SCHEMA = "dtwin.dead-letter/1"
 SAMPLE_FIELDS = ("site", "ts", *KPI_NAMES)
 
 # Reasons a sample is rejected; each is a label value of dtwin_samples_rejected_total.
-REJECT_REASONS = ("malformed_json", "not_an_object", "missing_field", "unknown_field", "unsupported_schema",
-                  "wrong_type", "not_finite", "negative_value", "bad_timestamp", "key_mismatch", "duplicate",
-                  "out_of_order", "misaligned")
+REJECT_REASONS = ("tombstone", "payload_too_large", "malformed_json", "not_an_object", "missing_field",
+                  "unknown_field", "unsupported_schema", "wrong_type", "not_finite", "negative_value", "out_of_range",
+                  "bad_timestamp", "missing_key", "bad_key", "key_mismatch", "duplicate", "out_of_order", "misaligned",
+                  "too_far_ahead")
+# KPI values are in the dataset's normalized units; the bound keeps every allocation and metric finite.
+VALUE_MAX = 1000.0
+# Epoch seconds up to the end of year 9999: a whole, finite, 64-bit timestamp.
+TS_MAX = 253_402_300_799
+# Larger records are not parsed; their dead letters carry only the first bytes.
+MAX_SAMPLE_BYTES = 64 * 1024
+DEAD_LETTER_PAYLOAD_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -64,8 +73,12 @@ def _number(body: dict, name: str) -> float:
     return v
 
 
-def parse_sample(raw: bytes | str) -> Sample:
+def parse_sample(raw: bytes | str | None) -> Sample:
     """Validate one raw message; raise :class:`Rejected` with a reason and detail."""
+    if raw is None:
+        raise Rejected("tombstone", "the record has no value (a tombstone); a sample is a JSON object")
+    if len(raw) > MAX_SAMPLE_BYTES:
+        raise Rejected("payload_too_large", f"{len(raw)} bytes, at most {MAX_SAMPLE_BYTES}")
     try:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -93,13 +106,28 @@ def parse_sample(raw: bytes | str) -> Sample:
     except UnicodeEncodeError:
         raise Rejected("wrong_type", f"site must be valid Unicode text, got {site!r}") from None
     ts = _number(body, "ts")
-    if ts != int(ts) or ts < 0:
-        raise Rejected("bad_timestamp", f"ts must be whole, non-negative epoch seconds, got {body['ts']!r}")
+    if ts != int(ts) or not 0 <= ts <= TS_MAX:
+        raise Rejected("bad_timestamp", f"ts must be whole epoch seconds in 0..{TS_MAX}, got {body['ts']!r}")
     values = tuple(_number(body, k) for k in KPI_NAMES)
     for k, v in zip(KPI_NAMES, values, strict=True):
         if v < 0:
             raise Rejected("negative_value", f"{k} is {v}")
+        if v > VALUE_MAX:
+            raise Rejected("out_of_range", f"{k} is {v}, above {VALUE_MAX:g} (values are in normalized units "
+                                           f"0..{VALUE_MAX:g})")
     return Sample(site=site, ts=int(ts), values=values)  # type: ignore[arg-type]
+
+
+def check_key(key: bytes | None, site: str) -> None:
+    """The record key must be the sample's site: it places the site's state and its commands."""
+    if key is None:
+        raise Rejected("missing_key", f"the record has no key; it must be the site {site!r}")
+    try:
+        text = key.decode("utf-8")
+    except UnicodeDecodeError:
+        raise Rejected("bad_key", f"record key {key[:64]!r} is not UTF-8; it must be the site {site!r}") from None
+    if text != site:
+        raise Rejected("key_mismatch", f"record key {text[:64]!r} is not the site {site!r}")
 
 
 def encode_command(site: str, ts: int, allocated: float, forecast: float, policy: str, model_version: str,
@@ -113,13 +141,18 @@ def encode_command(site: str, ts: int, allocated: float, forecast: float, policy
 
 def encode_dead_letter(payload: bytes | None, reason: str, detail: str, topic: str, partition: int, offset: int,
                        key: bytes | None, rejected_at: float) -> bytes:
+    """The rejected record with its reason; a payload beyond ``DEAD_LETTER_PAYLOAD_BYTES`` is cut (its size
+    and sha256 say what it was), so the dead letter itself always fits the broker's record limit."""
     raw = payload or b""
+    kept = raw[:DEAD_LETTER_PAYLOAD_BYTES]
     try:
-        text, b64 = raw.decode("utf-8"), None
+        text, b64 = kept.decode("utf-8"), None
     except UnicodeDecodeError:
-        text, b64 = None, base64.b64encode(raw).decode()
+        text, b64 = None, base64.b64encode(kept).decode()
+    key_text = None if key is None else key[:1024].decode("utf-8", "replace")
     return json.dumps({
-        "schema": DEAD_LETTER_SCHEMA, "reason": reason, "detail": detail, "payload": text, "payload_base64": b64,
-        "key": key.decode("utf-8", "replace") if key is not None else None,
+        "schema": DEAD_LETTER_SCHEMA, "reason": reason, "detail": detail[:2000], "payload": text,
+        "payload_base64": b64, "payload_bytes": len(raw), "payload_truncated": len(kept) < len(raw),
+        "payload_sha256": hashlib.sha256(raw).hexdigest(), "tombstone": payload is None, "key": key_text,
         "source": {"topic": topic, "partition": partition, "offset": offset}, "rejected_at": round(rejected_at, 6),
     }, separators=(",", ":")).encode()

@@ -1,272 +1,383 @@
-"""The Faust app: ``faust -A controller.app worker`` or ``dtwin controller``.
+"""The Faust controller: ``dtwin controller`` builds a :class:`Controller` from its settings and runs
+one worker. Importing this module does nothing; the app, its topics, table, agent and timers are
+declared when a Controller is made, and the model is loaded when the worker starts.
 
-Settings come from ``DTWIN_*`` environment variables (see :mod:`controller.config`). The agent
-takes batches of raw samples, runs them through the pure :class:`controller.engine.Engine`,
-stores each site's window in a changelogged table, and produces commands and dead letters.
+Per batch of raw sample records, in this order (a controller never loses a decision):
+
+1. parse and validate each record (bad ones become dead letters with their reason);
+2. run the pure :class:`controller.engine.Engine` over the sites' stored states;
+3. deliver the commands and dead letters and wait for the broker's acknowledgement;
+4. store the new site states: changelog records (to the source record's partition), then the
+   local table;
+5. only then does the batch end, so Faust acks it and its offsets can be committed.
+
+A delivery that still fails after ``delivery_attempts`` tries stops the worker at once, without
+acking the batch: it is redelivered to whichever worker takes the partition, and the engine's
+offset check makes redelivery idempotent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
-import json
 import logging
+import os
 import time
-from pathlib import Path
+from collections.abc import Sequence
 
 import faust
-from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from contracts.messages import Rejected, encode_command, encode_dead_letter, parse_sample
-from contracts.state import decode_state, encode_state
+from contracts.messages import Rejected, check_key, encode_command, encode_dead_letter, parse_sample
+from contracts.state import StateError, decode_state, encode_state
 from contracts.topics import WINDOW_TABLE, Topics
-from controller.config import ControllerConfig
-from controller.engine import Engine
-from controller.metrics import LoopMetrics
-from controller.policy import SHADOW_NAMES, allocators_from_manifest, live_name
-from export.artifact import MANIFEST_FILE, ArtifactError, ModelArtifact, load_artifact
+from controller.engine import ALL_ALLOCATORS, CANDIDATE, Engine, EngineSettings
+from controller.metrics import FleetMetrics
+from controller.serving import persistence_headroom, served_model
+from controller.settings import ControllerSettings
 
 log = logging.getLogger("dtwin.controller")
 LOG_LEVELS = {"crit": logging.CRITICAL, "error": logging.ERROR, "warn": logging.WARNING, "info": logging.INFO,
               "debug": logging.DEBUG}
+# Not a site: sites are non-empty text, this key starts with a NUL byte. Its value is empty.
+CHANGELOG_MARKER_KEY = b"\x00dtwin-changelog-marker"
+EXIT_DELIVERY_FAILED = 70
+EXIT_FAULT_INJECTED = 99
 
-config = ControllerConfig.from_env()
-topics = Topics(config.topic_prefix)
 
-
-def _bounded_fetch_wait(create):
+def _bounded_fetch_wait(create, fetch_max_wait_ms: int):
     """Faust hard-codes fetch_max_wait_ms=1500 for its worker consumer. Tansu (the embedded broker)
     holds a fetch that long even while records arrive (tools/repro_tansu_fetch_wait.py), which adds
     up to a second of latency; a short wait costs Apache Kafka only a few more idle fetches."""
 
     def create_worker_consumer(self, transport):
         consumer = create(self, transport)
-        consumer._fetch_max_wait_ms = config.fetch_max_wait_ms
+        consumer._fetch_max_wait_ms = fetch_max_wait_ms
         return consumer
 
+    create_worker_consumer.dtwin_patched = True  # type: ignore[attr-defined]
     return create_worker_consumer
 
 
-AIOKafkaConsumerThread._create_worker_consumer = _bounded_fetch_wait(AIOKafkaConsumerThread._create_worker_consumer)
+def patch_fetch_wait(fetch_max_wait_ms: int) -> None:
+    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 
-app = faust.App(
-    config.app_id,
-    broker=f"kafka://{config.bootstrap}",
-    web_port=config.web_port,
-    store="memory://",
-    topic_partitions=config.partitions,
-    topic_allow_declare=False,  # topics are created up front by `dtwin topics create`
-    topic_disable_leader=True,
-    consumer_auto_offset_reset="earliest",
-    datadir=config.state_dir,
-    producer_acks=-1,
-    # Faust's 60 s default keeps a dead worker's partitions idle for a minute or two (Tansu also
-    # waits out the session of a worker that stopped cleanly); 10 s moves them on quickly.
-    broker_session_timeout=config.session_timeout_seconds,
-    broker_heartbeat_interval=min(3.0, config.session_timeout_seconds / 3),
-)
-
-samples_topic = app.topic(topics.samples, key_type=bytes, value_type=bytes, key_serializer="raw",
-                          value_serializer="raw", partitions=config.partitions)
-
-# Per-site window and pending decision, encoded by controller.state. Keys are the site as bytes,
-# exactly the record key, and the changelog uses the producer's partitioner, so a key's changelog
-# partition is its source partition.
-# Commands, dead letters and changelog records go out through send_raw (see there).
-windows = app.Table(WINDOW_TABLE, default=None, partitions=config.partitions, use_partitioner=True,
-                    key_type=bytes, value_type=bytes)  # bytes types make Faust use the raw codec
+    current = AIOKafkaConsumerThread._create_worker_consumer
+    original = getattr(current, "__wrapped__", current)
+    patched = _bounded_fetch_wait(original, fetch_max_wait_ms)
+    patched.__wrapped__ = original  # type: ignore[attr-defined]
+    AIOKafkaConsumerThread._create_worker_consumer = patched
 
 
-class Runtime:
-    """The live model, its allocators and the metrics; swapped atomically on a new artifact."""
+def faust_credentials(settings: ControllerSettings):
+    """SASL/TLS settings for Faust's consumers and producers, from the same DTWIN_KAFKA_* variables
+    that the replay producer and topic admin use."""
+    sec = settings.security()
+    if sec.security_protocol == "PLAINTEXT":
+        return None
+    import ssl
 
-    def __init__(self, cfg: ControllerConfig) -> None:
-        self.cfg = cfg
-        self.metrics = LoopMetrics([live_name(cfg.policy), *SHADOW_NAMES], cfg.sla_target, cfg.metrics_max_sites)
-        self.artifact: ModelArtifact | None = None
+    context = None
+    if sec.uses_ssl:
+        context = ssl.create_default_context(cafile=sec.ssl_cafile)
+        if sec.ssl_certfile:
+            context.load_cert_chain(sec.ssl_certfile, sec.ssl_keyfile)
+    if sec.security_protocol.startswith("SASL"):
+        return faust.SASLCredentials(username=sec.sasl_username, password=sec.sasl_password, ssl_context=context,
+                                     mechanism=sec.sasl_mechanism)
+    return faust.SSLCredentials(context)
+
+
+class Controller:
+    """One worker's app, topics, table, agent, timers and web page, and the models it serves."""
+
+    def __init__(self, settings: ControllerSettings) -> None:
+        self.settings = s = settings
+        self.topics = Topics(s.topic_prefix)
+        self.app = faust.App(
+            s.app_id,
+            broker=f"kafka://{s.bootstrap}",
+            broker_credentials=faust_credentials(s),
+            web_port=s.web_port,
+            store="memory://",
+            topic_partitions=s.partitions,
+            topic_allow_declare=False,  # topics are created up front by `dtwin topics create`
+            topic_disable_leader=True,
+            consumer_auto_offset_reset="earliest",
+            datadir=s.state_dir,
+            producer_acks=-1,
+            # Faust's 60 s default keeps a dead worker's partitions idle for a minute or two; 10 s
+            # moves them on quickly (Tansu also waits out the session of a worker that stopped cleanly).
+            broker_session_timeout=s.session_timeout_seconds,
+            broker_heartbeat_interval=min(3.0, s.session_timeout_seconds / 3),
+            autodiscover=False,
+        )
+        self.samples_topic = self.app.topic(self.topics.samples, key_type=bytes, value_type=bytes,
+                                            key_serializer="raw", value_serializer="raw", partitions=s.partitions)
+        # Per-site state, encoded by contracts.state (bytes types make Faust use the raw codec). Its
+        # changelog records are written by this worker to the source record's partition, so a site's
+        # state always sits in the changelog partition that its samples' partition restores.
+        self.windows = self.app.Table(WINDOW_TABLE, default=None, partitions=s.partitions, key_type=bytes,
+                                      value_type=bytes)
+        self.metrics = FleetMetrics(ALL_ALLOCATORS, s.sla_target, s.metrics_max_sites)
         self.engine: Engine | None = None
-        self.manifest_stamp: str | None = None
+        self.active = None
+        self.candidate = None
+        self.model_source = None
+        self.batches = 0
+        self.fault = self._parse_fault(s.fault_point)
 
-    def _timed_predict(self, artifact: ModelArtifact):
-        def predict(x):
-            with self.metrics.inference.time():
-                return artifact.predict(x)
-        return predict
+        self.app.agent(self.samples_topic, name=f"{s.app_id}.control")(self._control)
+        self.app.task(self._on_start)
+        self.app.timer(interval=s.model_poll_seconds)(self._watch_model)
+        self.app.timer(interval=5.0)(self._update_lag)
+        self.app.page("/dtwin/summary")(self._summary_page)
+        self.app.on_partitions_assigned.connect(self._on_assigned)
+        self.app.on_rebalance_complete.connect(self._on_rebalance_complete)
 
-    def install(self, artifact: ModelArtifact) -> None:
-        live, shadows = allocators_from_manifest(artifact.manifest, self.cfg.policy, self.cfg.sla_target,
-                                                 self.cfg.capacity_floor, self.cfg.capacity_ceiling)
-        engine = Engine(self._timed_predict(artifact), live, shadows, artifact.window,
-                        int(artifact.manifest["step_seconds"]))
-        self.artifact, self.engine = artifact, engine
-        self.manifest_stamp = artifact.sha256
-        self.metrics.set_model(artifact.name, artifact.version, artifact.sha256)
-        log.info("serving model %s (%s)", artifact.version, artifact.sha256[:12])
+    @staticmethod
+    def _parse_fault(text: str | None) -> tuple[str, int] | None:
+        if not text:
+            return None
+        step, _, n = text.partition(":")
+        if step not in ("after_commands", "after_state", "mid_send"):
+            raise ValueError(f"DTWIN_FAULT_POINT step must be after_commands, after_state or mid_send, got {step!r}")
+        return step, int(n or 1)
 
-    def load_initial(self) -> None:
-        self.install(load_artifact(self.cfg.model_dir))
+    def _maybe_fault(self, step: str) -> None:
+        if self.fault is not None and self.fault == (step, self.batches):
+            log.critical("fault injection: exiting at %s of batch %d", step, self.batches)
+            os._exit(EXIT_FAULT_INJECTED)
 
-    async def maybe_swap(self) -> None:
-        """Load a new artifact if the manifest's sha256 changed; keep serving the old one if it fails."""
-        manifest_path = Path(self.cfg.model_dir) / MANIFEST_FILE
-        try:
-            stamp = json.loads(manifest_path.read_text())["sha256"]
-        except (OSError, ValueError, KeyError, TypeError):
+    # --- models ---------------------------------------------------------------------------------
+    def load_models(self) -> None:
+        from controller.model_source import ModelSource
+
+        self.model_source = ModelSource(None if self.settings.model_registry else self.settings.model_dir,
+                                        self.settings.model_registry, self.settings.state_dir,
+                                        on_event=self._on_model_event)
+        active, candidate = self.model_source.load_initial()
+        self.install(active, candidate, first=True)
+
+    def install(self, active, candidate, first: bool = False) -> None:
+        """Build the engine for these artifacts; the agent picks it up at its next batch."""
+        s = self.settings
+        timer = self.metrics.inference
+        engine = Engine(
+            EngineSettings(window=active.window, step_seconds=int(active.manifest["step_seconds"]),
+                           persistence=persistence_headroom(active.manifest, s.sla_target), policy=s.policy,
+                           warmup=s.baseline_warmup_intervals, horizon_intervals=s.future_horizon_intervals,
+                           floor=s.capacity_floor, ceiling=s.capacity_ceiling),
+            served_model(active, s.sla_target, timer),
+            served_model(candidate, s.sla_target) if candidate is not None else None)
+        self.active, self.candidate, self.engine = active, candidate, engine
+        self.metrics.set_model("active", active.name, active.version, active.sha256)
+        if candidate is not None:
+            self.metrics.set_model(CANDIDATE, candidate.name, candidate.version, candidate.sha256)
+        else:
+            self.metrics.set_model(CANDIDATE, None, None, None)
+        if not first:
+            self.metrics.model_swaps.inc()
+        log.warning("serving model %s (%s)%s", active.version, active.sha256[:12],
+                    f", candidate {candidate.version} in shadow" if candidate is not None else "")
+
+    def _on_model_event(self, event) -> None:
+        if event.kind == "refused":
+            self.metrics.swap_refusals.labels(event.reason).inc()
+            log.error("model artifact refused (%s, %s): %s; still serving %s", event.role, event.reason,
+                      event.message, self.active.version if self.active else None)
+        elif event.kind == "last_good":
+            self.metrics.serving_last_good.set(1)
+            log.error("current model failed verification; serving the last verified version: %s", event.message)
+        elif event.kind == "loaded" and event.role == "active":
+            self.metrics.serving_last_good.set(0)
+
+    async def _watch_model(self) -> None:
+        if self.model_source is None or self.settings.pipeline != "control":
             return
-        if stamp == self.manifest_stamp:
+        try:
+            update = await self.model_source.poll()
+            if update is not None:
+                active = update.active or self.active
+                candidate = self.candidate if update.candidate is None and not update.candidate_removed \
+                    else update.candidate
+                self.install(active, candidate)
+        except Exception:  # the watcher must never stop the worker
+            log.exception("model watch failed; still serving %s", self.active.version if self.active else None)
+
+    # --- the batch cycle --------------------------------------------------------------------------
+    async def _control(self, stream) -> None:
+        s = self.settings
+        handler = self._forward if s.pipeline == "null" else self._process
+        async for events in stream.take_events(s.batch_size, within=s.batch_within_ms / 1000.0):
+            if events:
+                self.batches += 1
+                try:
+                    await handler(events)
+                except Exception:
+                    # take_events acks a batch whose handler raised; stop before it can.
+                    log.critical("batch %d failed; stopping the worker without acking it", self.batches,
+                                 exc_info=True)
+                    logging.shutdown()
+                    os._exit(EXIT_DELIVERY_FAILED)
+
+    async def _send_all(self, records: Sequence[tuple[str, bytes | None, bytes, int | None]],
+                        mid_send_fault: bool = False) -> None:
+        """Hand records to the producer and wait until the broker has acknowledged every one, retrying
+        the whole group (identical bytes) on an error."""
+        producer = self.app.producer
+        first = True
+        async for attempt in AsyncRetrying(stop=stop_after_attempt(self.settings.delivery_attempts),
+                                           wait=wait_exponential(multiplier=0.2, max=5.0),
+                                           retry=retry_if_exception_type(Exception), reraise=True):
+            with attempt:
+                if not first:
+                    self.metrics.batch_retries.inc()
+                    log.warning("retrying delivery of %d records (attempt %d)", len(records),
+                                attempt.retry_state.attempt_number)
+                first = False
+                futures = []
+                for k, (topic, key, value, partition) in enumerate(records):
+                    if mid_send_fault and k == len(records) // 2:
+                        self._maybe_fault("mid_send")
+                    futures.append(await producer.send(topic, key, value, partition=partition, timestamp=None,
+                                                       headers=None))
+                if futures:
+                    await asyncio.gather(*futures)
+
+    async def _process(self, events) -> None:
+        m = self.metrics
+        engine = self.engine  # swaps take effect between batches only
+        assert engine is not None
+        now = time.time()
+        dead: list[tuple[object, str, str]] = []
+        samples, positions, sample_events = [], [], []
+        for ev in events:
+            msg = ev.message
+            try:
+                sample = parse_sample(msg.value)
+                check_key(msg.key, sample.site)
+            except Rejected as rej:
+                dead.append((msg, rej.reason, rej.detail))
+                continue
+            samples.append(sample)
+            positions.append((msg.partition, msg.offset))
+            sample_events.append(ev)
+
+        states = {}
+        for site in {smp.site for smp in samples}:
+            raw = self.windows.data.get(site.encode())
+            try:
+                states[site] = decode_state(raw) if raw is not None else None
+            except StateError as exc:
+                m.state_resets.labels("corrupt").inc()
+                log.error("site %r: stored state does not decode (%s); the site starts afresh", site, exc)
+                states[site] = None
+        result = engine.process(states, samples, positions, now)
+
+        for idx, reason, detail in result.rejects:
+            dead.append((sample_events[idx].message, reason, detail))
+        outgoing: list[tuple[str, bytes | None, bytes, int | None]] = []
+        for c in (*result.commands, *result.reemitted):
+            outgoing.append((self.topics.commands, c.site.encode(), encode_command(
+                c.site, c.ts, c.allocated, c.forecast, c.policy, c.model_version, c.decided_at), None))
+        for msg, reason, detail in dead:
+            outgoing.append((self.topics.dead_letter, msg.key, encode_dead_letter(
+                msg.value, reason, detail, msg.topic, msg.partition, msg.offset, msg.key, now), None))
+        await self._send_all(outgoing, mid_send_fault=self.fault is not None)
+        self._maybe_fault("after_commands")
+
+        changelog = self.windows.changelog_topic.get_topic_name()
+        site_partition = {smp.site: pos[0] for smp, pos in zip(samples, positions, strict=True)}
+        stored = [(changelog, site.encode(), encode_state(st), site_partition[site])
+                  for site, st in result.states.items()]
+        await self._send_all(stored)
+        for _, key, value, _ in stored:
+            self.windows.data[key] = value
+        if self.settings.changelog_markers and stored:
+            await self._send_all([(changelog, CHANGELOG_MARKER_KEY, b"", p) for p in sorted({r[3] for r in stored})])
+        self._maybe_fault("after_state")
+
+        m.observe_latency(sample_events[c.sample].message for c in result.commands)
+        for c in result.commands:
+            m.commands.labels(c.policy).inc()
+        if result.reemitted:
+            m.reemitted.inc(len(result.reemitted))
+        m.observe(result, {site: {"ai_sla": st.q_ai, "persistence_sla": st.q_persistence}
+                           for site, st in result.states.items() if site in m.labelled})
+        for _, reason, _ in dead[:len(dead) - len(result.rejects)]:
+            m.rejected.labels(reason).inc()
+        m.batch_done(len(events))
+
+    async def _forward(self, events) -> None:
+        """The null pipeline: parse each sample and produce one message for it, no model, no table."""
+        m = self.metrics
+        out = []
+        for ev in events:
+            try:
+                sample = parse_sample(ev.message.value)
+            except Rejected as rej:
+                m.rejected.labels(rej.reason).inc()
+                continue
+            out.append((self.topics.commands, ev.message.key, sample.to_json(), None))
+        await self._send_all(out)
+        m.observe_latency(ev.message for ev in events)
+        m.commands.labels("null").inc(len(out))
+        m.batch_done(len(events))
+
+    # --- housekeeping -----------------------------------------------------------------------------
+    async def _on_start(self) -> None:
+        s = self.settings
+        # Faust's start-up spinner leaves the root logger at DEBUG whatever -l says, and then every
+        # aiokafka debug call in the produce path builds a LogRecord (about a tenth of the CPU).
+        logging.getLogger().setLevel(LOG_LEVELS[s.log_level])
+        # The worker allocates many short-lived objects per record; moving the start-up heap out of the
+        # collector's view and collecting less often keeps collector pauses out of the latency tail.
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(s.gc_gen0_threshold, 20, 100)
+        if s.metrics_port:
+            from prometheus_client import start_http_server
+
+            start_http_server(s.metrics_port, addr=s.metrics_bind, registry=self.metrics.registry)
+            log.warning("Prometheus metrics on %s:%d/metrics", s.metrics_bind, s.metrics_port)
+
+    async def _on_assigned(self, app, assigned=(), *args, **kwargs) -> None:
+        self.metrics.rebalances.inc()
+        self.metrics.assigned.set(len([tp for tp in assigned if tp.topic == self.topics.samples]))
+
+    async def _on_rebalance_complete(self, app, *args, **kwargs) -> None:
+        self.metrics.recoveries.inc()
+
+    async def _update_lag(self) -> None:
+        try:
+            consumer = self.app.consumer
+            tps = [tp for tp in consumer.assignment() if tp.topic == self.topics.samples]
+        except Exception:  # not started or mid-rebalance
             return
-        try:
-            artifact = await asyncio.get_running_loop().run_in_executor(None, load_artifact, self.cfg.model_dir)
-            self.install(artifact)
-            self.metrics.model_swaps.labels("loaded").inc()
-        except (ArtifactError, ValueError, KeyError) as exc:
-            self.manifest_stamp = stamp  # do not retry the same bad artifact every poll
-            self.metrics.model_swaps.labels("rejected").inc()
-            log.error("new model artifact rejected, still serving %s: %s",
-                      self.artifact.version if self.artifact else None, exc)
+        self.metrics.lag.clear()
+        for tp in tps:
+            try:
+                high = consumer.highwater(tp)
+                read = consumer._read_offset.get(tp)
+            except Exception:
+                continue
+            if high is None:
+                continue
+            behind = high - (read + 1 if read is not None else 0)
+            self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(behind, 0))
 
+    async def _summary_page(self, web, request):
+        return web.json({"model": self.active.version if self.active else None,
+                         "candidate": self.candidate.version if self.candidate else None,
+                         **self.metrics.summary()})
 
-runtime = Runtime(config)
+    def run(self, argv: list[str]) -> None:
+        """Start the worker (Faust's own CLI, which reads ``argv``)."""
+        import sys
 
-
-async def send_raw(topic: str, key: bytes | None, value: bytes):
-    """Hand an already-encoded record to the producer; returns its delivery future.
-
-    Faust's ``Topic.send`` wraps every record in channel, schema and future-message layers that
-    cost about as much as the rest of the pipeline; these records need none of them.
-    """
-    return await app.producer.send(topic, key, value, partition=None, timestamp=None, headers=None)
-
-
-# Not a site: sites are non-empty text, this key starts with a NUL byte. Its value is empty.
-CHANGELOG_MARKER_KEY = b"\x00dtwin-changelog-marker"
-
-
-async def write_markers(changelog: str, partitions: set[int]) -> None:
-    """One marker record alone in its produce batch per changelog partition, after the batch's state.
-
-    Tansu reports a partition's end offset as the last produce batch's base offset + 1
-    (tools/repro_tansu_high_watermark.py), and Faust's recovery reads only up to that offset: it
-    would miss the state records that shared the last batch. A lone marker last puts the reported
-    end past all of them. Off (DTWIN_CHANGELOG_MARKERS=0) on Apache Kafka, which needs none.
-    """
-    await _deliver([await app.producer.send(changelog, CHANGELOG_MARKER_KEY, b"", partition=p, timestamp=None,
-                                            headers=None) for p in sorted(partitions)])
-
-
-async def _deliver(futures: list) -> None:
-    if futures:
-        await asyncio.gather(*futures)
-
-
-async def process_events(events) -> None:
-    metrics = runtime.metrics
-    engine = runtime.engine
-    assert engine is not None and runtime.artifact is not None
-    samples = []
-    sample_events = []
-    futures = []
-    now = time.time()
-    for ev in events:
-        msg = ev.message
-        try:
-            sample = parse_sample(ev.value)
-            if msg.key is not None and msg.key != sample.site.encode():
-                raise Rejected("key_mismatch", f"record key {msg.key!r} is not the site {sample.site!r}")
-        except Rejected as rej:
-            metrics.rejected.labels(rej.reason).inc()
-            futures.append(await send_raw(topics.dead_letter, msg.key, encode_dead_letter(
-                ev.value, rej.reason, rej.detail, msg.topic, msg.partition, msg.offset, msg.key, now)))
-            continue
-        samples.append(sample)
-        sample_events.append(ev)
-
-    sites = {s.site for s in samples}
-    stored = {site: windows.data.get(site.encode()) for site in sites}
-    states = {site: decode_state(raw) if raw is not None else None for site, raw in stored.items()}
-    result = engine.process(states, samples)
-    changelog = windows.changelog_topic.get_topic_name()
-    state_futures = []
-    for site, state in result.states.items():
-        # What Table.__setitem__ does (local store + changelog record), but through the same raw
-        # send path as the commands and awaited with them, so offsets commit only after it is stored.
-        key, value = site.encode(), encode_state(state)
-        windows.data[key] = value
-        state_futures.append(await send_raw(changelog, key, value))
-
-    for idx, reason, detail in result.rejects:
-        msg = sample_events[idx].message
-        futures.append(await send_raw(topics.dead_letter, msg.key, encode_dead_letter(
-            sample_events[idx].value, reason, detail, msg.topic, msg.partition, msg.offset, msg.key, now)))
-    version = runtime.artifact.version
-    live = engine.live.name
-    decided_at = time.time()
-    command_futures = []
-    for d in result.decisions:
-        command_futures.append(await send_raw(topics.commands, d.site.encode(), encode_command(
-            d.site, d.ts, d.allocations[live], d.forecast, live, version, decided_at)))
-    await _deliver(futures + command_futures + state_futures)
-    if config.changelog_markers and state_futures:
-        await write_markers(changelog, {fut.result().partition for fut in state_futures})
-    metrics.observe_latency(sample_events[i].message for i in result.decision_sample)
-    metrics.commands.inc(len(command_futures))
-    metrics.observe(result)
-    metrics.batch_done(len(events))
-
-
-async def forward_events(events) -> None:
-    """The null pipeline: parse each sample and produce one message for it, no model, no table."""
-    metrics = runtime.metrics
-    futures = []
-    for ev in events:
-        try:
-            sample = parse_sample(ev.value)
-        except Rejected as rej:
-            metrics.rejected.labels(rej.reason).inc()
-            continue
-        futures.append(await send_raw(topics.commands, ev.message.key, sample.to_json()))
-    await _deliver(futures)
-    metrics.observe_latency(ev.message for ev in events)
-    metrics.commands.inc(len(futures))
-    metrics.batch_done(len(events))
-
-
-@app.agent(samples_topic)
-async def control(stream):
-    handler = forward_events if config.pipeline == "null" else process_events
-    async for events in stream.take_events(config.batch_size, within=config.batch_within_ms / 1000.0):
-        if events:
-            await handler(events)
-
-
-@app.task
-async def start_metrics_endpoint() -> None:
-    # Faust's start-up spinner leaves the root logger at DEBUG whatever -l says, and then every
-    # aiokafka debug call in the produce path builds a LogRecord (about a tenth of the CPU).
-    logging.getLogger().setLevel(LOG_LEVELS[config.log_level])
-    # The worker allocates many short-lived objects per record; moving the start-up heap out of the
-    # collector's view and collecting less often keeps collector pauses out of the latency tail.
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(config.gc_gen0_threshold, 20, 100)
-    if config.metrics_port:
-        from prometheus_client import start_http_server
-
-        start_http_server(config.metrics_port, addr="0.0.0.0", registry=runtime.metrics.registry)
-        log.info("Prometheus metrics on :%d/metrics", config.metrics_port)
-
-
-@app.timer(interval=config.model_poll_seconds)
-async def watch_model() -> None:
-    if config.pipeline == "control":
-        await runtime.maybe_swap()
-
-
-@app.page("/dtwin/summary")
-async def summary(web, request):
-    return web.json({"model": runtime.artifact.version if runtime.artifact else None,
-                     "allocators": runtime.metrics.summaries()})
-
-
-if config.pipeline == "control":
-    runtime.load_initial()
+        patch_fetch_wait(self.settings.fetch_max_wait_ms)
+        if self.settings.pipeline == "control":
+            self.load_models()
+        sys.argv = argv
+        self.app.main()

@@ -1,96 +1,154 @@
 """The controller's batch engine: pure logic between parsed samples and commands (no Kafka, no Faust).
 
-Per site it keeps the last ``window`` samples and the pending decision for the next interval,
-as a JSON-able dict that the Faust table stores. Rules by timestamp, per site:
+Per site it keeps a :class:`contracts.state.SiteState`. Rules, per site, in record order:
 
-* the first sample starts the window;
-* ``ts == last_ts + step`` appends; a pending decision for ``ts`` is scored with this sample;
-* ``ts == last_ts`` is a duplicate, ``ts < last_ts`` is out of order, and a ``ts`` off the
-  site's grid (``(ts - last_ts) % step != 0``) is misaligned: all are rejected (dead-lettered)
-  and leave the state unchanged;
-* ``ts > last_ts + step`` is a gap: the pending decision cannot be scored, and the window
-  restarts from this sample, since the model needs consecutive intervals;
-* once the window is full, every sample yields one decision for ``ts + step``: a forecast,
-  the live allocation (emitted as a command) and each shadow allocation (scored only).
+* A record at or before the site's stored source offset (same partition) is a **redelivery** of a
+  sample already decided: it is counted and skipped, and if it is the site's latest sample its
+  stored decision is re-emitted identically (same allocation, model version and decided_at).
+* ``ts == last_ts`` is a duplicate, ``ts < last_ts`` out of order, a ``ts`` off the site's grid
+  misaligned: all are rejected (dead-lettered) and leave the state unchanged.
+* ``ts > last_ts + horizon * step`` is **too far ahead**: rejected, and remembered; if the next sample
+  continues from it (``ts == jump + step``) the site really jumped, and that sample is taken as a gap.
+* ``last_ts + step < ts`` (within the horizon) is a gap: the pending decision cannot be scored and
+  the window restarts.
+* Every accepted sample yields one decision for ``ts + step``. With a full window it is the model's
+  (live policy ``ai_sla`` or ``ai_raw``, with the shadows scored beside it); otherwise it is the
+  documented **fallback**: the last value plus the site's online persistence headroom.
+* Each site's first ``warmup`` actuals fix its B1/B2 levels (:mod:`forecaster.core.baselines`). A
+  decision is scored only if it was made after that, so every allocator is compared on the same
+  intervals. The online headroom trackers learn from every interval, warm-up included.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from contracts.messages import Sample
-from forecaster.core.allocators import Allocator
+from contracts.state import Pending, SiteState
+from forecaster.core.allocators import Headroom
+from forecaster.core.baselines import HISTOGRAM_BINS, BaselineEstimator, demand_bin
+from forecaster.core.online import OnlineHeadroom, window_scale
+
+AI_SLA, AI_RAW, AI_SLA_STATIC = "ai_sla", "ai_raw", "ai_sla_static"
+B1, B2, PERSISTENCE_SLA, FALLBACK = "b1", "b2", "persistence_sla", "fallback"
+CANDIDATE, CURRENT = "candidate", "current"  # current: the live model on the intervals the candidate is scored on
+MODEL_ALLOCATORS = (AI_SLA, AI_RAW, AI_SLA_STATIC, B1, B2, PERSISTENCE_SLA)
+ALL_ALLOCATORS = (*MODEL_ALLOCATORS, FALLBACK, CANDIDATE, CURRENT)
 
 
-@dataclass
-class Decision:
+@dataclass(frozen=True)
+class ServedModel:
+    """A model as the engine uses it: its forecast function and its headroom settings."""
+
+    version: str
+    predict: Callable[[np.ndarray], np.ndarray]
+    online: OnlineHeadroom  # ai_sla: per-site online headroom, q0 from the manifest
+    static: Headroom  # ai_sla_static: the manifest's global calibration
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    window: int
+    step_seconds: int
+    persistence: OnlineHeadroom
+    policy: str = "sla"  # sla: emit ai_sla; raw: emit ai_raw (the paper's mode)
+    warmup: int = 2016
+    horizon_intervals: int = 2016
+    floor: float = 0.0
+    ceiling: float | None = None
+
+
+@dataclass(frozen=True)
+class Command:
     site: str
-    ts: int  # the interval it provisions
+    ts: int
+    allocated: float
     forecast: float
-    allocations: dict[str, float]
+    policy: str
+    model_version: str
+    decided_at: float
+    sample: int  # index of the sample it answers (-1: re-emitted from state)
 
 
 @dataclass
-class Scored:
-    """Scored intervals of one batch, in order, with every allocator's allocation."""
+class Scores:
+    """Scored intervals of one batch for one allocator."""
 
     sites: list[str] = field(default_factory=list)
-    ts: list[int] = field(default_factory=list)
     actual: list[float] = field(default_factory=list)
-    forecast: list[float] = field(default_factory=list)
-    allocations: dict[str, list[float]] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return len(self.actual)
+    allocated: list[float] = field(default_factory=list)
 
 
 @dataclass
 class BatchResult:
-    states: dict[str, dict]
-    decisions: list[Decision]
-    decision_sample: list[int]  # index of the sample each decision came from
-    scored: Scored
+    states: dict[str, SiteState]
+    commands: list[Command]
+    reemitted: list[Command]
     rejects: list[tuple[int, str, str]]  # (sample index, reason, detail)
-    gaps: int
+    scores: dict[str, Scores]
+    forecast_errors: dict[str, list[float]]  # role (active, candidate) -> forecast - actual
+    gaps: int = 0
+    redelivered: int = 0
+    latest: dict[str, tuple[float, float, dict[str, float]]] = field(default_factory=dict)  # site -> (actual,
+    # forecast, allocations) of its latest scored interval
+
+
+@dataclass
+class _Decision:
+    site: str
+    sample: int
+    ts: int
+    last: float
+    scale: float
+    window_index: int  # row in the batch's model input, -1 for a fallback
 
 
 class Engine:
-    def __init__(self, predict: Callable[[np.ndarray], np.ndarray], live: Allocator, shadows: Sequence[Allocator],
-                 window: int, step_seconds: int) -> None:
-        names = [live.name, *(s.name for s in shadows)]
-        if len(set(names)) != len(names):
-            raise ValueError(f"allocator names must be unique, got {names}")
-        self.predict = predict
-        self.live = live
-        self.allocators = [live, *shadows]
-        self.window = window
-        self.step = step_seconds
+    def __init__(self, settings: EngineSettings, model: ServedModel, candidate: ServedModel | None = None) -> None:
+        if settings.policy not in ("sla", "raw"):
+            raise ValueError(f"policy must be sla or raw, got {settings.policy!r}")
+        self.settings = settings
+        self.model = model
+        self.candidate = candidate
 
     @property
-    def allocator_names(self) -> list[str]:
-        return [a.name for a in self.allocators]
+    def live_name(self) -> str:
+        return AI_SLA if self.settings.policy == "sla" else AI_RAW
 
-    def process(self, states: Mapping[str, dict | None], samples: Sequence[Sample]) -> BatchResult:
-        work: dict[str, dict] = {}
-        windows: list[np.ndarray] = []
-        dec_site: list[str] = []
-        dec_ts: list[int] = []
-        dec_sample: list[int] = []
-        # A scoring event points at its pending decision: ("batch", i) or ("stored", dict).
-        events: list[tuple[str, int, float, tuple[str, object]]] = []
+    def process(self, states: Mapping[str, SiteState | None], samples: Sequence[Sample],
+                positions: Sequence[tuple[int, int]], now: float) -> BatchResult:
+        """``positions[i]`` is sample i's (partition, offset); ``now`` stamps the decisions."""
+        cfg = self.settings
+        step = cfg.step_seconds
+        work: dict[str, SiteState] = {}
         rejects: list[tuple[int, str, str]] = []
-        gaps = 0
+        reemitted: list[Command] = []
+        # In record order, per accepted sample: ("sample", site, (actual, scores_pending)) then
+        # ("decide", site, _Decision); resolved after inference, since allocations need the forecasts.
+        ops: list[tuple[str, str, object]] = []
+        pending_ts: dict[str, int | None] = {}
+        windows: list[np.ndarray] = []
+        gaps = redelivered = 0
         for i, s in enumerate(samples):
             st = work.get(s.site)
             if st is None:
                 prev = states.get(s.site)
-                st = {"last_ts": None, "rows": [], "pending": None} if prev is None else {
-                    "last_ts": prev["last_ts"], "rows": list(prev["rows"]), "pending": stored_pending(prev)}
+                st = SiteState() if prev is None else _copy(prev)
                 work[s.site] = st
-            last_ts = st["last_ts"]
+                pending_ts[s.site] = st.pending.ts if st.pending is not None else None
+            partition, offset = positions[i]
+            if partition == st.partition and offset <= st.offset:
+                redelivered += 1
+                if s.ts == st.last_ts and st.pending is not None:
+                    p = st.pending
+                    reemitted.append(Command(s.site, p.ts, p.allocated, p.forecast, p.policy, p.model_version,
+                                             p.decided_at, -1))
+                continue
+            last_ts = st.last_ts
             if last_ts is not None:
                 if s.ts == last_ts:
                     rejects.append((i, "duplicate", f"site {s.site} already has ts {s.ts}"))
@@ -98,72 +156,168 @@ class Engine:
                 if s.ts < last_ts:
                     rejects.append((i, "out_of_order", f"site {s.site}: ts {s.ts} is before {last_ts}"))
                     continue
-                if (s.ts - last_ts) % self.step:
-                    rejects.append((i, "misaligned", f"site {s.site}: ts {s.ts} is not on the {self.step} s grid "
-                                                     f"of {last_ts}"))
+                if (s.ts - last_ts) % step:
+                    rejects.append((i, "misaligned", f"site {s.site}: ts {s.ts} is not on the {step} s grid of "
+                                                     f"{last_ts}"))
                     continue
-                if s.ts > last_ts + self.step:
+                if s.ts > last_ts + cfg.horizon_intervals * step and s.ts != st.jump_ts + step:
+                    st.jump_ts = s.ts
+                    rejects.append((i, "too_far_ahead", f"site {s.site}: ts {s.ts} is more than "
+                                                        f"{cfg.horizon_intervals} intervals after {last_ts}; taken "
+                                                        "only if the next sample continues from it"))
+                    continue
+                if s.ts > last_ts + step:
                     gaps += 1
-                    st["rows"] = []
-                    st["pending"] = None
-            pending = st["pending"]
-            if pending is not None and pending[1]["ts"] == s.ts:
-                events.append((s.site, s.ts, s.values[0], pending))
-            st["pending"] = None
-            st["rows"].append(list(s.values))
-            if len(st["rows"]) > self.window:
-                del st["rows"][0]
-            st["last_ts"] = s.ts
-            if len(st["rows"]) == self.window:
-                st["pending"] = ("batch", {"ts": s.ts + self.step, "index": len(windows)})
-                windows.append(np.asarray(st["rows"], dtype=np.float32))
-                dec_site.append(s.site)
-                dec_ts.append(s.ts + self.step)
-                dec_sample.append(i)
+                    st.rows = []
+                    pending_ts[s.site] = None
+            st.jump_ts = 0
+            st.partition, st.offset = partition, offset
+            ops.append(("sample", s.site, (s.values[0], pending_ts[s.site] == s.ts)))
+            st.rows.append(list(s.values))
+            if len(st.rows) > cfg.window:
+                del st.rows[0]
+            st.last_ts = s.ts
+            internet = [r[0] for r in st.rows]
+            full = len(st.rows) == cfg.window
+            d = _Decision(s.site, i, s.ts + step, s.values[0], float(window_scale(np.asarray(internet))),
+                          len(windows) if full else -1)
+            if full:
+                windows.append(np.asarray(st.rows, dtype=np.float32))
+            ops.append(("decide", s.site, d))
+            pending_ts[s.site] = d.ts
 
-        if windows:
-            x = np.stack(windows)
-            forecast = np.asarray(self.predict(x), dtype=np.float64)
-            last = x[:, -1, 0].astype(np.float64)
-            alloc = {a.name: a.allocate(last, forecast) for a in self.allocators}
-        else:
-            forecast = np.zeros(0)
-            alloc = {a.name: np.zeros(0) for a in self.allocators}
-
-        def resolve(p: tuple[str, dict]) -> tuple[float, dict[str, float]]:
-            kind, ref = p
-            if kind == "stored":
-                return float(ref["forecast"]), {k: float(v) for k, v in ref["alloc"].items()}
-            j = ref["index"]
-            return float(forecast[j]), {n: float(alloc[n][j]) for n in alloc}
-
-        scored = Scored(allocations={n: [] for n in self.allocator_names})
-        for site, ts, actual, pend in events:
-            f, allocs = resolve(pend)
-            scored.sites.append(site)
-            scored.ts.append(ts)
-            scored.actual.append(actual)
-            scored.forecast.append(f)
-            for n in self.allocator_names:
-                scored.allocations[n].append(allocs[n])
-
-        out_states: dict[str, dict] = {}
+        forecast, cand_forecast = self._infer(windows)
+        result = BatchResult(states=work, commands=[], reemitted=reemitted, rejects=rejects,
+                             scores={}, forecast_errors={"active": [], "candidate": []}, gaps=gaps,
+                             redelivered=redelivered)
+        # Pending decisions as resolved so far in this pass: the stored one, replaced by each new decision.
+        pending: dict[str, Pending | None] = {site: (_copy_pending(states[site].pending) if states.get(site) else None)
+                                              for site in work}
+        for kind, site, payload in ops:
+            st = work[site]
+            if kind == "sample":
+                actual, scores_pending = payload  # type: ignore[misc]
+                if scores_pending:
+                    self._score(site, st, pending[site], float(actual), result)
+                self._add_to_baseline(st, float(actual))
+            else:
+                d: _Decision = payload  # type: ignore[assignment]
+                p = self._decide(st, d, forecast, cand_forecast, now)
+                pending[site] = p
+                result.commands.append(Command(site, d.ts, p.allocated, p.forecast, p.policy, p.model_version,
+                                               p.decided_at, d.sample))
         for site, st in work.items():
-            pend = st["pending"]
-            stored = None
-            if pend is not None:
-                f, allocs = resolve(pend)
-                stored = {"ts": pend[1]["ts"], "forecast": f, "alloc": allocs}
-            out_states[site] = {"last_ts": st["last_ts"], "rows": st["rows"], "pending": stored}
+            if st.last_ts is not None and site in pending:
+                p = pending[site]
+                st.pending = p if (p is not None and p.ts == st.last_ts + step) else None
+        return result
 
-        decisions = [Decision(site=dec_site[j], ts=dec_ts[j], forecast=float(forecast[j]),
-                              allocations={n: float(alloc[n][j]) for n in alloc}) for j in range(len(dec_site))]
-        return BatchResult(states=out_states, decisions=decisions, decision_sample=dec_sample, scored=scored,
-                           rejects=rejects, gaps=gaps)
+    def _infer(self, windows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+        if not windows:
+            return np.zeros(0), None
+        x = np.stack(windows)
+        forecast = np.asarray(self.model.predict(x), dtype=np.float64).reshape(-1)
+        cand = None
+        if self.candidate is not None:
+            cand = np.asarray(self.candidate.predict(x), dtype=np.float64).reshape(-1)
+        return forecast, cand
+
+    def _bound(self, value: float) -> float:
+        v = max(value, self.settings.floor)
+        return v if self.settings.ceiling is None else min(v, self.settings.ceiling)
+
+    def _decide(self, st: SiteState, d: _Decision, forecast: np.ndarray, cand_forecast: np.ndarray | None,
+                now: float) -> Pending:
+        cfg = self.settings
+        pers = cfg.persistence
+        if math.isnan(st.q_persistence):
+            st.q_persistence = pers.q0
+        persistence_alloc = pers.allocate_one(d.last, d.scale, st.q_persistence, cfg.floor, cfg.ceiling)
+        scorable = st.levels is not None
+        f = float(forecast[d.window_index]) if d.window_index >= 0 else math.nan
+        if not math.isfinite(f):  # no full window, or a model that returned garbage: never a NaN command
+            return Pending(ts=d.ts, forecast=d.last, candidate_forecast=math.nan, scale=d.scale, scorable=scorable,
+                           decided_at=now, policy=FALLBACK, model_version=self.model.version,
+                           alloc={FALLBACK: persistence_alloc, PERSISTENCE_SLA: persistence_alloc})
+        m = self.model
+        if math.isnan(st.q_ai):
+            st.q_ai = m.online.q0
+        alloc = {
+            AI_SLA: m.online.allocate_one(f, d.scale, st.q_ai, cfg.floor, cfg.ceiling),
+            AI_RAW: self._bound(f),
+            AI_SLA_STATIC: self._bound(float(m.static.apply(np.asarray(f)))),
+            PERSISTENCE_SLA: persistence_alloc,
+        }
+        if st.levels is not None:
+            mean, std, p95 = st.levels
+            alloc[B1], alloc[B2] = mean + 2.0 * std, p95
+        cf = math.nan
+        if cand_forecast is not None and self.candidate is not None:
+            cf = float(cand_forecast[d.window_index])
+            if math.isfinite(cf):
+                if math.isnan(st.q_candidate):
+                    st.q_candidate = self.candidate.online.q0
+                alloc[CANDIDATE] = self.candidate.online.allocate_one(cf, d.scale, st.q_candidate, cfg.floor,
+                                                                      cfg.ceiling)
+                alloc[CURRENT] = alloc[AI_SLA]
+        return Pending(ts=d.ts, forecast=f, candidate_forecast=cf, scale=d.scale, scorable=scorable, decided_at=now,
+                       policy=self.live_name, model_version=m.version, alloc=alloc)
+
+    def _score(self, site: str, st: SiteState, p: Pending | None, actual: float, result: BatchResult) -> None:
+        if p is None:
+            return
+        a = p.alloc
+        if AI_SLA in a:
+            st.q_ai = self.model.online.update_one(st.q_ai, a[AI_SLA], actual)
+        st.q_persistence = self.settings.persistence.update_one(st.q_persistence, a[PERSISTENCE_SLA], actual)
+        if CANDIDATE in a and self.candidate is not None:
+            st.q_candidate = self.candidate.online.update_one(st.q_candidate, a[CANDIDATE], actual)
+        if p.scorable:
+            names = (FALLBACK,) if p.policy == FALLBACK else tuple(n for n in a if n != FALLBACK)
+            for name in names:
+                sc = result.scores.setdefault(name, Scores())
+                sc.sites.append(site)
+                sc.actual.append(actual)
+                sc.allocated.append(a[name])
+            if p.policy != FALLBACK:
+                result.forecast_errors["active"].append(p.forecast - actual)
+                if CANDIDATE in a:
+                    result.forecast_errors["candidate"].append(p.candidate_forecast - actual)
+            result.latest[site] = (actual, p.forecast, {n: a[n] for n in names})
+
+    def _add_to_baseline(self, st: SiteState, actual: float) -> None:
+        if st.levels is not None:
+            return
+        st.seen += 1
+        st.total += actual
+        st.total_sq += actual * actual
+        b = demand_bin(actual)
+        st.histogram[b] = st.histogram.get(b, 0) + 1
+        if st.seen >= self.settings.warmup:
+            est = baseline_estimator(st)
+            stats = est.stats()
+            st.levels = (stats.mean, stats.std, stats.p95)
+            st.histogram = {}
 
 
-def stored_pending(state: dict | None) -> tuple[str, dict] | None:
-    """Table states keep pending decisions as plain dicts; the engine tags them on the way in."""
-    if state is None or state.get("pending") is None:
+def baseline_estimator(st: SiteState) -> BaselineEstimator:
+    """The shared estimator over a site state's warm-up sums and histogram."""
+    counts = np.zeros(HISTOGRAM_BINS, dtype=np.int64)
+    for b, c in st.histogram.items():
+        counts[b] = c
+    return BaselineEstimator(n=st.seen, total=st.total, total_sq=st.total_sq, counts=counts)
+
+
+def _copy_pending(p: Pending | None) -> Pending | None:
+    if p is None:
         return None
-    return ("stored", state["pending"])
+    return Pending(ts=p.ts, forecast=p.forecast, candidate_forecast=p.candidate_forecast, scale=p.scale,
+                   scorable=p.scorable, decided_at=p.decided_at, policy=p.policy, model_version=p.model_version,
+                   alloc=dict(p.alloc))
+
+
+def _copy(st: SiteState) -> SiteState:
+    return SiteState(last_ts=st.last_ts, partition=st.partition, offset=st.offset, jump_ts=st.jump_ts,
+                     rows=[list(r) for r in st.rows], q_ai=st.q_ai, q_persistence=st.q_persistence,
+                     q_candidate=st.q_candidate, seen=st.seen, total=st.total, total_sq=st.total_sq,
+                     levels=st.levels, histogram=dict(st.histogram), pending=_copy_pending(st.pending))

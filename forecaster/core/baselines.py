@@ -33,6 +33,11 @@ P95_MAX_ERROR = BIN_WIDTH
 DEFAULT_WARMUP_INTERVALS = 2016  # one week of 5-minute intervals: the weekly cycle is covered
 
 
+def demand_bin(value: float) -> int:
+    """The histogram bin of one demand value (values outside the range land in the end bins)."""
+    return min(max(int(np.floor((value - DEMAND_MIN) / BIN_WIDTH)), 0), HISTOGRAM_BINS - 1)
+
+
 def _bins(values: np.ndarray) -> np.ndarray:
     idx = np.floor((np.asarray(values, dtype=np.float64) - DEMAND_MIN) / BIN_WIDTH).astype(np.int64)
     return np.clip(idx, 0, HISTOGRAM_BINS - 1)

@@ -52,30 +52,28 @@ class OnlineHeadroom:
     eta: float = DEFAULT_ETA
     target: float = 0.01
 
-    def allocate(self, base: np.ndarray, scale: np.ndarray, q: np.ndarray) -> np.ndarray:
-        return np.asarray(base, np.float64) + np.asarray(q, np.float64) * np.asarray(scale, np.float64)
+    def allocate_one(self, base: float, scale: float, q: float, floor: float = 0.0,
+                     ceiling: float | None = None) -> float:
+        """One interval's allocation, bounded like every allocator."""
+        a = max(base + q * scale, floor)
+        return a if ceiling is None else min(a, ceiling)
 
-    def update(self, q: np.ndarray, allocated: np.ndarray, actual: np.ndarray) -> np.ndarray:
-        miss = np.asarray(actual, np.float64) > np.asarray(allocated, np.float64)
-        return np.clip(np.asarray(q, np.float64) + self.eta * (miss - self.target), Q_MIN, Q_MAX)
+    def update_one(self, q: float, allocated: float, actual: float) -> float:
+        """``q`` after the interval's actual is known."""
+        return min(max(q + self.eta * (float(actual > allocated) - self.target), Q_MIN), Q_MAX)
 
     def run(self, base: np.ndarray, scale: np.ndarray, actual: np.ndarray, q: float | None = None,
             floor: float = 0.0, ceiling: float | None = None) -> tuple[np.ndarray, float]:
-        """One site's series in time order: allocations and the final ``q``.
-
-        ``floor``/``ceiling`` bound each allocation (as the live allocator does) before it is scored
-        and before the tracker learns from it.
-        """
+        """One site's series in time order: allocations and the final ``q`` (what the live engine does,
+        interval by interval)."""
         base = np.asarray(base, np.float64)
         scale = np.asarray(scale, np.float64)
         actual = np.asarray(actual, np.float64)
         out = np.empty(base.shape)
         cur = self.q0 if q is None else float(q)
-        hi = np.inf if ceiling is None else ceiling
         for i in range(base.size):
-            a = min(max(base[i] + cur * scale[i], floor), hi)
-            out[i] = a
-            cur = min(max(cur + self.eta * ((actual[i] > a) - self.target), Q_MIN), Q_MAX)
+            out[i] = self.allocate_one(float(base[i]), float(scale[i]), cur, floor, ceiling)
+            cur = self.update_one(cur, out[i], float(actual[i]))
         return out, cur
 
     def to_dict(self) -> dict[str, float]:
