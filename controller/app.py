@@ -131,7 +131,10 @@ class Controller:
         self.app.task(self._on_start)
         self.app.timer(interval=s.model_poll_seconds)(self._watch_model)
         self.app.timer(interval=5.0)(self._update_lag)
-        self.app.page("/dtwin/summary")(self._summary_page)
+        async def summary_page(web, request):  # Faust binds a page's first argument to its view
+            return web.json(self.summary())
+
+        self.app.page("/dtwin/summary")(summary_page)
         self.app.on_partitions_assigned.connect(self._on_assigned)
         self.app.on_rebalance_complete.connect(self._on_rebalance_complete)
 
@@ -367,10 +370,9 @@ class Controller:
             behind = high - (read + 1 if read is not None else 0)
             self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(behind, 0))
 
-    async def _summary_page(self, web, request):
-        return web.json({"model": self.active.version if self.active else None,
-                         "candidate": self.candidate.version if self.candidate else None,
-                         **self.metrics.summary()})
+    def summary(self) -> dict:
+        return {"model": self.active.version if self.active else None,
+                "candidate": self.candidate.version if self.candidate else None, **self.metrics.summary()}
 
     def run(self, argv: list[str]) -> None:
         """Start the worker (Faust's own CLI, which reads ``argv``)."""

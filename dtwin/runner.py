@@ -41,6 +41,8 @@ class ControllerProcess:
     process: subprocess.Popen
     metrics_port: int
     log_path: Path
+    web_port: int = 0
+    state_dir: Path | None = None
 
     def metrics(self) -> dict | None:
         try:
@@ -50,6 +52,12 @@ class ControllerProcess:
 
     def alive(self) -> bool:
         return self.process.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL, as a crashed machine would stop."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
 
     def stop(self, timeout: float = 20.0) -> None:
         if self.process.poll() is None:
@@ -61,23 +69,27 @@ class ControllerProcess:
                 self.process.wait()
 
 
-def start_controller(bootstrap: str, model_dir: Path, run_dir: Path, topic_prefix: str, app_id: str,
+def start_controller(bootstrap: str, model_dir: Path | None, run_dir: Path, topic_prefix: str, app_id: str,
                      partitions: int, pipeline: str = "control", extra_env: dict[str, str] | None = None,
-                     log_name: str = "controller.log") -> ControllerProcess:
+                     log_name: str = "controller.log", worker: str = "", metrics_port: int | None = None,
+                     web_port: int | None = None) -> ControllerProcess:
+    """One worker process with its own web port, metrics port and state folder (``worker`` names it)."""
     from dtwin.broker import free_port
 
-    metrics_port, web_port = free_port(), free_port()
+    metrics_port, web_port = metrics_port or free_port(), web_port or free_port()
     run_dir.mkdir(parents=True, exist_ok=True)
-    env_vars = {**os.environ, "DTWIN_BOOTSTRAP": bootstrap, "DTWIN_MODEL_DIR": str(model_dir),
+    state_dir = run_dir / f"state-{app_id}{'-' + worker if worker else ''}"
+    env_vars = {**os.environ, "DTWIN_BOOTSTRAP": bootstrap,
                 "DTWIN_METRICS_PORT": str(metrics_port), "DTWIN_WEB_PORT": str(web_port),
                 "DTWIN_TOPIC_PREFIX": topic_prefix, "DTWIN_APP_ID": app_id, "DTWIN_PARTITIONS": str(partitions),
-                "DTWIN_STATE_DIR": str(run_dir / f"state-{app_id}"), "DTWIN_PIPELINE": pipeline,
-                **(extra_env or {})}
+                "DTWIN_STATE_DIR": str(state_dir), "DTWIN_PIPELINE": pipeline,
+                **({"DTWIN_MODEL_DIR": str(model_dir)} if model_dir is not None else {}), **(extra_env or {})}
     log_path = run_dir / log_name
     log = open(log_path, "ab")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "dtwin", "controller", "--log-level", "warn"],
+    proc = subprocess.Popen([sys.executable, "-m", "dtwin", "controller", "--log-level",
+                             env_vars.get("DTWIN_LOG_LEVEL", "warn")],
                             stdout=log, stderr=subprocess.STDOUT, env=env_vars, start_new_session=True)
-    return ControllerProcess(proc, metrics_port, log_path)
+    return ControllerProcess(proc, metrics_port, log_path, web_port, state_dir)
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.2, what: str = "condition",
@@ -97,10 +109,21 @@ def broker_for(args: argparse.Namespace):
     if args.bootstrap:
         yield args.bootstrap
         return
-    from dtwin.broker import EmbeddedBroker
-
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if getattr(args, "broker", "tansu") == "kafka":
+        import shutil
+
+        from dtwin.kafka_broker import KafkaBroker
+
+        data_dir = run_dir / "kafka"
+        shutil.rmtree(data_dir, ignore_errors=True)  # a fresh log: the run replays from the start
+        with KafkaBroker(args.broker_port or None, data_dir=data_dir, log_path=run_dir / "kafka.log") as broker:
+            print(f"Apache Kafka (KRaft, one node) on {broker.bootstrap}, log in {data_dir}", flush=True)
+            yield broker.bootstrap
+        return
+    from dtwin.broker import EmbeddedBroker
+
     with EmbeddedBroker(args.broker_port or None, log_path=run_dir / "broker.log") as broker:
         print(f"embedded broker (Tansu) on {broker.bootstrap}", flush=True)
         yield broker.bootstrap
@@ -160,8 +183,11 @@ def default_model_dir(args: argparse.Namespace) -> Path:
 
 
 def add_loop_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bootstrap", default=None, help="use this Kafka instead of starting the embedded broker")
-    p.add_argument("--broker-port", type=int, default=0, help="embedded broker port (default: a free one)")
+    p.add_argument("--bootstrap", default=None, help="use this Kafka instead of starting a broker")
+    p.add_argument("--broker", choices=("tansu", "kafka"), default=env("DTWIN_BROKER_KIND", "tansu"),
+                   help="broker to start: tansu (embedded, in memory, no dependencies) or kafka (Apache Kafka "
+                        "from Maven Central, needs Java 17) (default $DTWIN_BROKER_KIND or %(default)s)")
+    p.add_argument("--broker-port", type=int, default=0, help="broker port (default: a free one)")
     p.add_argument("--model-dir", default=None,
                    help="model artifact; trained and exported on first use if missing (default artifacts/<data>)")
     p.add_argument("--partitions", type=int, default=int(env("DTWIN_PARTITIONS", "4")))
