@@ -6,11 +6,11 @@ import json
 import shutil
 import tempfile
 from datetime import UTC, datetime
+from importlib.metadata import version as package_version
 from pathlib import Path
 
 import numpy as np
 
-import dtwin
 from export.artifact import MANIFEST_FILE, MANIFEST_FORMAT, MIN_OPSET, load_artifact, sha256_file
 from forecaster.core.metrics import mae, rmse
 
@@ -124,7 +124,7 @@ def export_model(model, ckpt: dict, out: str | Path, opset: int = MIN_OPSET, int
         "verification": verification,
         "quantization": quantization,
         "opset": opset,
-        "versions": {"exporter": f"dtwin {dtwin.__version__}", "torch": torch.__version__,
+        "versions": {"exporter": f"dtwin {package_version('dtwin')}", "torch": torch.__version__,
                      "onnx": onnx.__version__, "onnxruntime": ort.__version__, "opset": opset},
     }
     (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
