@@ -22,12 +22,23 @@ test: $(BIN)/.installed tools
 	$(BIN)/ruff check .
 	$(BIN)/pytest
 
-# Debian's prometheus package: promtool and a real server for the dashboard and alert tests.
-tools:
-	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
-	  echo "installing Debian's prometheus package (promtool, prometheus)"; \
+# Debian packages: prometheus (promtool and a real server for the dashboard and alert tests), kcat, and
+# Java 17+ and Maven for the real Apache Kafka broker; then Kafka's jars (deploy/kafka/pom.xml) into .kafka/lib.
+tools: $(BIN)/.installed
+	@pkgs=""; \
+	{ command -v promtool && command -v prometheus; } >/dev/null || pkgs="$$pkgs prometheus"; \
+	command -v kcat >/dev/null || pkgs="$$pkgs kcat"; \
+	command -v java >/dev/null || pkgs="$$pkgs default-jre-headless"; \
+	command -v mvn >/dev/null || pkgs="$$pkgs maven"; \
+	[ -z "$$pkgs" ] || { \
+	  echo "installing Debian packages:$$pkgs"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$pkgs >/dev/null; }
+	@$(MAKE) --no-print-directory kafka-jars
+
+.PHONY: kafka-jars
+kafka-jars: $(BIN)/.installed
+	@$(BIN)/python -c 'from dtwin.kafka_broker import ensure_kafka_jars; print("Kafka jars:", ensure_kafka_jars())'
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .

@@ -9,6 +9,10 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dtwin.kafka_broker import KafkaBroker
 
 
 class BrokerError(RuntimeError):
@@ -83,3 +87,20 @@ class EmbeddedBroker:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+BROKER_KINDS = ("tansu", "kafka")
+
+
+def make_broker(kind: str, port: int | None = None, data_dir: str | Path | None = None,
+                log_path: str | Path | None = None) -> EmbeddedBroker | KafkaBroker:
+    """``tansu``: the embedded broker (in memory); ``kafka``: Apache Kafka, kept on disk in ``data_dir``."""
+    if kind == "tansu":
+        if data_dir is not None:
+            raise BrokerError("the tansu broker keeps its data in memory: a data dir needs the kafka broker")
+        return EmbeddedBroker(port=port, log_path=Path(log_path) if log_path else None)
+    if kind == "kafka":
+        from dtwin.kafka_broker import KafkaBroker
+
+        return KafkaBroker(port=port, data_dir=data_dir, log_path=log_path)
+    raise BrokerError(f"unknown broker kind {kind!r}: one of {', '.join(BROKER_KINDS)}")
