@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from kafka.partitioner.default import murmur2
 from tqdm import tqdm
 
+from contracts.connection import KafkaSecurity
 from contracts.messages import encode_sample
 from forecaster.data import Site
 
@@ -100,11 +101,19 @@ def replay(producer, topic: str, sites: list[Site], speed: float | None = None, 
     return stats
 
 
-def make_producer(bootstrap: str):
+def producer_options(bootstrap: str, security: KafkaSecurity | None = None) -> dict:
+    """The replay producer's settings. Idempotence with unbounded retries (within the 120 s delivery
+    timeout) lets it ride out a broker restart without losing or duplicating a sample."""
+    sec = security or KafkaSecurity.from_env()
+    return {"bootstrap_servers": bootstrap, "acks": "all", "linger_ms": 5, "batch_size": 256 * 1024,
+            "client_id": "dtwin-replay", "enable_idempotence": True, "retries": 2**31 - 1,
+            "delivery_timeout_ms": 120_000, "reconnect_backoff_max_ms": 1000, **sec.kafka_python_options()}
+
+
+def make_producer(bootstrap: str, security: KafkaSecurity | None = None, **overrides):
     from kafka import KafkaProducer
 
-    return KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, batch_size=256 * 1024,
-                         client_id="dtwin-replay")
+    return KafkaProducer(**{**producer_options(bootstrap, security), **overrides})
 
 
 def install_sigint(stop: threading.Event) -> None:

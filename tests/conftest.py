@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["tests.conftest_kafka"]
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_ENV = "DTWIN_TEST_DATA"
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "datasets" / "network-operator-kpis"
