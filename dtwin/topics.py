@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from contracts.connection import KafkaSecurity
 from contracts.topics import APP_ID, DEFAULT_PARTITIONS, Topics
 
 # A site's state record replaces the one before: the changelog keeps the latest per key.
@@ -12,14 +13,18 @@ CHANGELOG_CONFIG = {"cleanup.policy": "compact"}
 
 def create_topics(bootstrap: str, topics: Topics, partitions: int = DEFAULT_PARTITIONS, app_id: str = APP_ID,
                   timeout: float = 30.0, client_options: dict | None = None) -> list[str]:
-    """Create any missing topic with ``partitions`` partitions (the changelog compacted); return those created."""
+    """Create any missing topic with ``partitions`` partitions (the changelog compacted); return those created.
+
+    ``client_options`` default to the SASL/TLS settings of the ``DTWIN_KAFKA_*`` variables."""
+    if client_options is None:
+        client_options = KafkaSecurity.from_env().kafka_python_options()
     from kafka.admin import KafkaAdminClient, NewTopic
     from kafka.errors import KafkaError, TopicAlreadyExistsError
 
     deadline = time.monotonic() + timeout
     while True:
         try:
-            admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="dtwin-topics", **(client_options or {}))
+            admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="dtwin-topics", **client_options)
             break
         except KafkaError:
             if time.monotonic() > deadline:
