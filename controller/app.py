@@ -31,7 +31,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 from contracts.messages import Rejected, check_key, encode_command, encode_dead_letter, parse_sample
 from contracts.state import StateError, decode_state, encode_state
 from contracts.topics import WINDOW_TABLE, Topics
-from controller.engine import ALL_ALLOCATORS, CANDIDATE, Engine, EngineSettings
+from controller.engine import ALL_ALLOCATORS, CANDIDATE, CURRENT, Engine, EngineSettings
 from controller.metrics import FleetMetrics
 from controller.serving import persistence_headroom, served_model
 from controller.settings import ControllerSettings
@@ -127,13 +127,27 @@ class Controller:
         self.batches = 0
         self.fault = self._parse_fault(s.fault_point)
 
-        self.app.agent(self.samples_topic, name=f"{s.app_id}.control")(self._control)
-        self.app.task(self._on_start)
-        self.app.timer(interval=s.model_poll_seconds)(self._watch_model)
-        self.app.timer(interval=5.0)(self._update_lag)
-        async def summary_page(web, request):  # Faust binds a page's first argument to its view
+        # Faust binds a page's first argument to its view and names tasks after their functions, so the
+        # declarations take plain closures rather than bound methods.
+        async def control(stream) -> None:
+            await self._control(stream)
+
+        async def on_start() -> None:
+            await self._on_start()
+
+        async def watch_model() -> None:
+            await self._watch_model()
+
+        async def update_lag() -> None:
+            await self._update_lag()
+
+        async def summary_page(web, request):
             return web.json(self.summary())
 
+        self.app.agent(self.samples_topic, name=f"{s.app_id}.control")(control)
+        self.app.task(on_start)
+        self.app.timer(interval=s.model_poll_seconds)(watch_model)
+        self.app.timer(interval=5.0)(update_lag)
         self.app.page("/dtwin/summary")(summary_page)
         self.app.on_partitions_assigned.connect(self._on_assigned)
         self.app.on_rebalance_complete.connect(self._on_rebalance_complete)
@@ -156,9 +170,17 @@ class Controller:
     def load_models(self) -> None:
         from controller.model_source import ModelSource
 
-        self.model_source = ModelSource(None if self.settings.model_registry else self.settings.model_dir,
-                                        self.settings.model_registry, self.settings.state_dir,
-                                        on_event=self._on_model_event)
+        s = self.settings
+
+        def validate(artifact) -> None:  # what install() needs of a manifest, checked before any swap
+            served_model(artifact, s.sla_target)
+            persistence_headroom(artifact.manifest, s.sla_target)
+            if int(artifact.manifest["step_seconds"]) <= 0:
+                raise ValueError(f"step_seconds must be positive, got {artifact.manifest['step_seconds']!r}")
+
+        self.model_source = ModelSource(None if s.model_registry else s.model_dir, s.model_registry, s.state_dir,
+                                        on_event=self._on_model_event, poll_seconds=s.model_poll_seconds,
+                                        validate=validate)
         active, candidate = self.model_source.load_initial()
         self.install(active, candidate, first=True)
 
@@ -173,6 +195,8 @@ class Controller:
                            floor=s.capacity_floor, ceiling=s.capacity_ceiling),
             served_model(active, s.sla_target, timer),
             served_model(candidate, s.sla_target) if candidate is not None else None)
+        if (candidate.sha256 if candidate else None) != (self.candidate.sha256 if self.candidate else None):
+            self.metrics.reset_allocators((CANDIDATE, CURRENT))
         self.active, self.candidate, self.engine = active, candidate, engine
         self.metrics.set_model("active", active.name, active.version, active.sha256)
         if candidate is not None:

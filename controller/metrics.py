@@ -165,6 +165,16 @@ class FleetMetrics:
             return site
         return OTHER_SITES
 
+    def reset_allocators(self, names: Iterable[str]) -> None:
+        """Start these allocators' scores afresh (a new candidate: compare it on its own intervals only)."""
+        for a in names:
+            self.fleet[a] = MetricAccumulator()
+            self.per_site.pop(a, None)
+            for key in [k for k in self.site_acc if k[0] == a]:
+                del self.site_acc[key]
+        if "candidate" in names:
+            self.forecast_errors.pop("candidate", None)
+
     def observe(self, result: BatchResult, headroom: dict[str, dict[str, float]] | None = None) -> None:
         """Score one batch; ``headroom`` is site -> {allocator: q} after it."""
         for a, sc in result.scores.items():

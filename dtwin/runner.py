@@ -72,7 +72,7 @@ class ControllerProcess:
 def start_controller(bootstrap: str, model_dir: Path | None, run_dir: Path, topic_prefix: str, app_id: str,
                      partitions: int, pipeline: str = "control", extra_env: dict[str, str] | None = None,
                      log_name: str = "controller.log", worker: str = "", metrics_port: int | None = None,
-                     web_port: int | None = None) -> ControllerProcess:
+                     web_port: int | None = None, python: str | None = None) -> ControllerProcess:
     """One worker process with its own web port, metrics port and state folder (``worker`` names it)."""
     from dtwin.broker import free_port
 
@@ -86,7 +86,7 @@ def start_controller(bootstrap: str, model_dir: Path | None, run_dir: Path, topi
                 **({"DTWIN_MODEL_DIR": str(model_dir)} if model_dir is not None else {}), **(extra_env or {})}
     log_path = run_dir / log_name
     log = open(log_path, "ab")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "dtwin", "controller", "--log-level",
+    proc = subprocess.Popen([python or sys.executable, "-m", "dtwin", "controller", "--log-level",
                              env_vars.get("DTWIN_LOG_LEVEL", "warn")],
                             stdout=log, stderr=subprocess.STDOUT, env=env_vars, start_new_session=True)
     return ControllerProcess(proc, metrics_port, log_path, web_port, state_dir)

@@ -1,7 +1,8 @@
 """Current model vs staged candidate, from the live scores the workers export.
 
-The workers score the candidate as its own allocator (``candidate``) on the same intervals as the
-live one (``ai_sla``). :func:`compare_scores` is the pure decision rule; :func:`read_live_scores`
+The workers score the candidate as its own allocator (``candidate``), and the live model's ``ai_sla``
+allocation again as ``current`` on exactly the intervals the candidate is scored on (both reset when
+the candidate changes). :func:`compare_scores` is the pure decision rule; :func:`read_live_scores`
 scrapes and sums the workers' Prometheus endpoints. Used by ``dtwin model compare`` and by the
 promote guard of :class:`export.registry.Registry`.
 """
@@ -14,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from statistics import NormalDist
 
-CURRENT_ALLOCATOR = "ai_sla"
+CURRENT_ALLOCATOR = "current"
 CANDIDATE_ALLOCATOR = "candidate"
 DEFAULT_METRICS_URL = "http://127.0.0.1:9108/metrics"
 DEFAULT_MIN_INTERVALS = 1000

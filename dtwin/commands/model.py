@@ -175,8 +175,8 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
                       help="fewest intervals scored before the candidate can win (default %(default)s)")
     live.add_argument("--strict", action="store_true",
                       help="also require the lower miss rate to be significant at 95 %%")
-    live.add_argument("--current-allocator", default="ai_sla", help="allocator label of the current model "
-                                                                    "(default %(default)s)")
+    live.add_argument("--current-allocator", default="current",
+                      help="allocator label of the current model on the candidate's intervals (default %(default)s)")
     live.add_argument("--candidate-allocator", default="candidate", help="allocator label of the candidate "
                                                                          "(default %(default)s)")
 
