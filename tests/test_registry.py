@@ -349,7 +349,7 @@ def test_cli_publish_stage_compare_promote_rollback(tmp_path, variants, capsys, 
     state = {"candidate": (2000, 30, 12.0)}
 
     def body() -> bytes:
-        return exposition({"ai_sla": (2000, 20, 10.0), "candidate": state["candidate"]}, "v1", "v2")
+        return exposition({"current": (2000, 20, 10.0), "candidate": state["candidate"]}, "v1", "v2")
 
     with metrics_server(body) as url:
         capsys.readouterr()
