@@ -3,8 +3,9 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 DATA ?=
+SITE_IDS ?=
 SITES ?= 4
-SPEED ?= 0
+BROKER ?= tansu
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: up test tools lint report bench clean
@@ -14,9 +15,11 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-# Main job: embedded broker, topics, controller and replay; ends with a summary table.
+# Main job: embedded broker, topics, model, controller and replay; ends with a fleet summary.
+# BROKER=kafka runs it on Apache Kafka (needs `make tools` first).
 up: $(BIN)/.installed
-	$(BIN)/dtwin up $(if $(DATA),--data $(DATA)) --sites $(SITES)
+	$(BIN)/dtwin up $(if $(DATA),--data $(DATA)) $(if $(SITE_IDS),--site-ids $(SITE_IDS)) --sites $(SITES) \
+	  --broker $(BROKER)
 
 test: $(BIN)/.installed tools
 	$(BIN)/ruff check .
