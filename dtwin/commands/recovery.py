@@ -630,7 +630,9 @@ def cmd_bench_recovery(args: argparse.Namespace) -> int:
         detail = {"0": bench_table_recovery(args, broker.bootstrap, model_dir, run_dir, 0)}
         for n in args.table_sites:
             detail[str(n)] = bench_table_recovery(args, broker.bootstrap, model_dir, run_dir, n)
-    result["table_recovery_s"] = {str(n): detail[str(n)]["recovered_s"] for n in args.table_sites}
+    # Start → the first command for a pre-filled site: it needs the table restored (its policy says the window
+    # was), whereas the recoveries counter only says Faust's recovery step ended.
+    result["table_recovery_s"] = {str(n): detail[str(n)]["first_command_s"] for n in args.table_sites}
     result["table_recovery"] = detail
     result["settings"] = {"session_timeout_s": args.session_timeout,
                           "heartbeat_s": min(3.0, args.session_timeout / 3), "partitions": args.partitions,
