@@ -265,24 +265,25 @@ def test_hot_swaps_under_replay_never_lose_or_mislabel_a_decision(kafka, artifac
 
 
 def test_a_restart_with_samples_waiting_loses_no_decision(kafka, artifact_dir, real_site, tmp_path):
-    """A worker restarted while samples wait in its partitions must decide each of them once, on the
-    windows its table restores. Fails today (a bug in the worker's restart on Apache Kafka, see the
+    """A worker restarted while samples wait in its partitions, and more arrive, must decide each of
+    them once, on the windows its table restores. Fails today (a bug in the worker's restart on Apache Kafka, see the
     assertion messages): some samples get no command, windows restart mid-stream (fallback commands)
     or the worker stops consuming a partition."""
     topics = Topics("restart-waiting.")
     app_id = "restart-waiting"
     create_topics(kafka.bootstrap, topics, 4, app_id=app_id)
     sites = replay_sites(4, bases=[real_site])
-    per_cycle, cycles = 50, 3
+    per_cycle, cycles = 50, 4
     producer = make_producer(kafka.bootstrap)
     problems: list[str] = []
     sent = 0
     for cycle in range(cycles + 1):
         ctl = start_controller(kafka.bootstrap, artifact_dir, tmp_path, topics.prefix, app_id, 4, extra_env=KAFKA_ENV,
                                log_name=f"worker-{cycle}.log")
-        # Sent while the worker starts: they wait for it to join its group and recover its table.
+        # Paced over the worker's start (about 5 s): samples wait, and more arrive while it joins its
+        # group and recovers its table.
         sent += replay(producer, topics.samples, sites, start=cycle * per_cycle, limit=per_cycle,
-                       progress=False).acked
+                       speed=10.0 * STEP, progress=False).acked
         try:
             wait_until(lambda: commands_sent(ctl) >= 4 * per_cycle, 30, 0.3, "commands", ctl.alive)  # noqa: B023
         except TimeoutError:
