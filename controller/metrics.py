@@ -124,6 +124,8 @@ class FleetMetrics:
                                    registry=r)
         self.rebalances = Counter("dtwin_rebalances", "Partition assignments received", registry=r)
         self.recoveries = Counter("dtwin_table_recoveries", "Table recoveries completed", registry=r)
+        self.fetch_skips = Counter("dtwin_fetch_skips", "Partitions sought back after the fetcher skipped records",
+                                   registry=r)
         self.batch_retries = Counter("dtwin_batch_retries", "Deliveries of a batch retried after an error",
                                      registry=r)
         self.inference = Histogram("dtwin_inference_batch_duration_seconds", "Model inference time per batch",
