@@ -5,11 +5,12 @@ window, where the site is in its source partition, its online headroom, its base
 the pending decision (enough to re-emit its command identically on redelivery).
 
 JSON cost about a tenth of the worker's CPU: the state is rewritten for every site in every
-batch. Binary layout, little-endian, version 2::
+batch. Binary layout, little-endian, version 3::
 
     u8 version | i64 last_ts | i32 partition | i64 offset | i64 jump_ts
     u8 n_rows | u8 n_features | f64 rows[n_rows * n_features]
     f64 q_ai | f64 q_persistence | f64 q_candidate                 (NaN: not started)
+    u8 len, candidate_version                                     (the candidate q_candidate belongs to)
     u32 seen | f64 total | f64 total_sq | u8 frozen
       frozen:  f64 mean | f64 std | f64 p95
       else:    u16 n_bins | (u16 bin, u16 count) * n_bins          (the warm-up histogram)
@@ -24,7 +25,7 @@ import math
 import struct
 from dataclasses import dataclass, field
 
-STATE_VERSION = 2
+STATE_VERSION = 3
 _HEAD = struct.Struct("<BqiqqBB")
 _Q = struct.Struct("<ddd")
 _BASE = struct.Struct("<IddB")
@@ -68,6 +69,7 @@ class SiteState:
     q_ai: float = NAN
     q_persistence: float = NAN
     q_candidate: float = NAN
+    candidate_version: str = ""
     seen: int = 0  # actual values taken into the baseline warm-up
     total: float = 0.0
     total_sq: float = 0.0
@@ -90,7 +92,7 @@ def encode_state(st: SiteState) -> bytes:
     parts = [_HEAD.pack(STATE_VERSION, -1 if st.last_ts is None else int(st.last_ts), st.partition, st.offset,
                         st.jump_ts, n_rows, n_features),
              struct.pack(f"<{len(flat)}d", *flat),
-             _Q.pack(st.q_ai, st.q_persistence, st.q_candidate),
+             _Q.pack(st.q_ai, st.q_persistence, st.q_candidate), _text(st.candidate_version),
              _BASE.pack(st.seen, st.total, st.total_sq, 1 if st.levels is not None else 0)]
     if st.levels is not None:
         parts.append(_LEVELS.pack(*st.levels))
@@ -148,6 +150,7 @@ def decode_state(data: bytes) -> SiteState:
         st = SiteState(last_ts=None if last_ts < 0 else last_ts, partition=partition, offset=offset, jump_ts=jump_ts,
                        rows=[list(flat[i:i + n_features]) for i in range(0, n, n_features)])
         st.q_ai, st.q_persistence, st.q_candidate = r.unpack(_Q)
+        st.candidate_version = r.text()
         st.seen, st.total, st.total_sq, frozen = r.unpack(_BASE)
         if frozen:
             st.levels = r.unpack(_LEVELS)

@@ -255,8 +255,9 @@ class Engine:
         if cand_forecast is not None and self.candidate is not None:
             cf = float(cand_forecast[d.window_index])
             if math.isfinite(cf):
-                if math.isnan(st.q_candidate):
-                    st.q_candidate = self.candidate.online.q0
+                if math.isnan(st.q_candidate) or st.candidate_version != self.candidate.version:
+                    st.q_candidate = self.candidate.online.q0  # a new candidate starts from its own headroom
+                    st.candidate_version = self.candidate.version
                 alloc[CANDIDATE] = self.candidate.online.allocate_one(cf, d.scale, st.q_candidate, cfg.floor,
                                                                       cfg.ceiling)
                 alloc[CURRENT] = alloc[AI_SLA]
@@ -319,5 +320,6 @@ def _copy_pending(p: Pending | None) -> Pending | None:
 def _copy(st: SiteState) -> SiteState:
     return SiteState(last_ts=st.last_ts, partition=st.partition, offset=st.offset, jump_ts=st.jump_ts,
                      rows=[list(r) for r in st.rows], q_ai=st.q_ai, q_persistence=st.q_persistence,
-                     q_candidate=st.q_candidate, seen=st.seen, total=st.total, total_sq=st.total_sq,
+                     q_candidate=st.q_candidate, candidate_version=st.candidate_version, seen=st.seen,
+                     total=st.total, total_sq=st.total_sq,
                      levels=st.levels, histogram=dict(st.histogram), pending=_copy_pending(st.pending))

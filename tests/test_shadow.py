@@ -115,11 +115,10 @@ def test_a_worse_candidate_is_refused_and_a_better_one_promoted(kafka, artifact_
 
 
 def test_a_new_candidate_starts_from_its_own_headroom(artifact_dir, worse, real_site):
-    """FAILS today (engine/app bug): each site's candidate headroom ``q_candidate`` lives in the site
-    state and is carried over when another candidate is staged, so the new candidate starts from the
-    old one's adapted headroom instead of its own ``q0``. The worker resets the candidate's scores at
-    the switch, but not this state: a good candidate staged after a noisy one over-provisions for
-    hundreds of intervals and loses a comparison it should win."""
+    """Each site's candidate headroom ``q_candidate`` lives in the site state, tagged with the candidate's
+    version: a newly staged candidate starts from its own ``q0``, not from the previous candidate's adapted
+    headroom (which made a good candidate staged after a noisy one over-provision for hundreds of
+    intervals and lose a comparison it should win)."""
     good, bad = load_artifact(artifact_dir), load_artifact(worse)
     sites = [s.slice(0, 300) for s in replay_sites(3, bases=[real_site])]
     batch = whatif.samples(sites)
