@@ -119,6 +119,10 @@ def export_model(model, ckpt: dict, out: str | Path, opset: int = MIN_OPSET, int
         "calibration": ckpt["calibration"],
         "persistence_calibration": ckpt["persistence_calibration"],
         "training_stats": ckpt["training_stats"],
+        # Read by the controller: manifest["online_headroom"][f"{target:g}"]["model" | "persistence"].
+        "online_headroom": ckpt.get("online_headroom"),
+        "train_site_ids": [str(s) for s in ckpt.get("train_site_ids", [ckpt["data"]["site"]])],
+        "scale_free": bool(ckpt.get("scale_free", False)),
         "canaries": [{"input": test_x[i].tolist(), "expected": float(v)} for i, v in zip(idx, canary_out, strict=True)],
         "canary_tolerance": 1e-3,
         "verification": verification,

@@ -55,6 +55,27 @@ def site_series(index: int) -> tuple[str, ...]:
     return (f"s{index}", f"s{10 + index}", f"s{30 + index}", f"s{40 + index}")
 
 
+def parse_site_ids(text: str) -> tuple[int, ...]:
+    """``"1,4,5"`` → ``(1, 4, 5)``: distinct site numbers of the archive, 1..10, in the given order."""
+    parts = [part.strip() for part in text.split(",")]
+    if not any(parts):
+        raise ValueError(f"site ids: expected site numbers like 1,4,5, got {text!r}")
+    ids: list[int] = []
+    for part in parts:
+        if not part:
+            continue
+        try:
+            i = int(part)
+        except ValueError:
+            raise ValueError(f"site ids: {part!r} in {text!r} is not a site number (expected e.g. 1,4,5)") from None
+        if not 1 <= i <= 10:
+            raise ValueError(f"site ids: {i} in {text!r} is out of range; the archive's sites are 1..10")
+        if i in ids:
+            raise ValueError(f"site ids: {i} appears twice in {text!r}")
+        ids.append(i)
+    return tuple(ids)
+
+
 def parse_series_arg(text: str) -> tuple[str, ...]:
     ids = tuple(part.strip() for part in text.split(",") if part.strip())
     if len(ids) != len(KPI_NAMES):
@@ -163,3 +184,14 @@ def load_site(data_dir: str | os.PathLike, series: Sequence[str] = DEFAULT_SERIE
     return Site(name=name or "-".join(series), timestamps=first_ts,
                 values=np.stack(columns, axis=1).astype(np.float32),
                 source=f"{data_dir} [{','.join(series)}]", step_seconds=step_seconds)
+
+
+def load_site_by_id(data_dir: str | os.PathLike, site_id: int, step_seconds: int = STEP_SECONDS) -> Site:
+    """The archive's site ``site_id`` (series :func:`site_series`), named ``str(site_id)``."""
+    return load_site(data_dir, site_series(site_id), name=str(site_id), step_seconds=step_seconds)
+
+
+def load_sites(data_dir: str | os.PathLike, site_ids: Sequence[int], step_seconds: int = STEP_SECONDS) -> list[Site]:
+    if not site_ids:
+        raise ValueError("load_sites needs at least one site id")
+    return [load_site_by_id(data_dir, i, step_seconds) for i in site_ids]

@@ -24,7 +24,9 @@ def _bars(ax, names: list[str], values: list[float], title: str, ylabel: str) ->
 
 
 def write_all(out: Path, actual: np.ndarray, allocations: dict[str, np.ndarray],
-              forecasts: dict[str, np.ndarray], last: np.ndarray) -> list[Path]:
+              forecasts: dict[str, np.ndarray], last: np.ndarray, site: str | None = None) -> list[Path]:
+    """The report's figures over ``actual`` (several sites' test parts one after the other); the time
+    series figure shows the first two days, of the first site (``site``)."""
     names = list(allocations)
     summaries = {n: summarize(actual, allocations[n]) for n in names}
     paths = []
@@ -83,10 +85,31 @@ def write_all(out: Path, actual: np.ndarray, allocations: dict[str, np.ndarray],
             ax.plot(t, allocations[name][:span_len], lw=0.9, ls="--", label=f"{name} allocation")
     ax.set_xlabel("test interval (5 min)")
     ax.set_ylabel("internet demand")
-    ax.set_title("Forecast vs actual, first two days of the test split")
+    ax.set_title("Forecast vs actual, first two days of the test split" + (f" (site {site})" if site else ""))
     ax.legend(fontsize=8, ncol=3)
     paths.append(_save(fig, out / "forecast_vs_actual.png"))
     return paths
+
+
+def per_site_underprovisioning(out: Path, per_site: dict[str, dict[str, dict]], target: float) -> Path:
+    """Grouped bars: per site (group), each allocator's share of under-provisioned test intervals."""
+    sites = list(per_site)
+    names = list(per_site[sites[0]])
+    width = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(max(8.0, 1.2 * len(sites) * len(names) / 3), 4.8))
+    x = np.arange(len(sites))
+    for j, name in enumerate(names):
+        vals = [100.0 * per_site[s][name]["underprovisioning_rate"] for s in sites]
+        bars = ax.bar(x + (j - (len(names) - 1) / 2) * width, vals, width, label=name,
+                      color=plt.cm.tab20(j % 20))
+        ax.bar_label(bars, fmt="%.1f", fontsize=6, rotation=90, padding=2)
+    ax.axhline(100.0 * target, color="black", lw=0.8, ls="--", label=f"target {target:.1%}")
+    ax.set_yscale("symlog", linthresh=1.0)
+    ax.set_xticks(x, [f"site {s}" for s in sites])
+    ax.set_ylabel("under-provisioned test intervals, % (symlog)")
+    ax.set_title("Per-site under-provisioning by allocator")
+    ax.legend(fontsize=7, ncol=4, loc="upper left", bbox_to_anchor=(0, -0.08))
+    return _save(fig, out / "per_site_underprovisioning.png")
 
 
 def _save(fig, path: Path) -> Path:

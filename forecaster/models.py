@@ -1,12 +1,16 @@
 """Forecasting models (torch). Each takes raw KPI windows ``[batch, window, 4]`` and returns the
 next interval's internet demand in raw units ``[batch]``: normalization lives inside the module,
-so the exported ONNX graph needs nothing around it."""
+so the exported ONNX graph needs nothing around it.
+
+``paper`` and ``delta_mlp`` normalize with statistics of their training site (buffers); ``bilstm``
+normalizes each window by its own levels, so one model serves sites of any level."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from forecaster.core.online import SCALE_FLOOR
 from forecaster.core.windows import Normalizer
 
 
@@ -101,11 +105,62 @@ class DeltaMLP(_Scaled):
         return x[:, -1, 0:1] + deltas * self.x_std[0]
 
 
-MODEL_KINDS: dict[str, type[_Scaled]] = {"paper": PaperBiLSTM, "delta_mlp": DeltaMLP}
-PRODUCTION_KIND = "delta_mlp"
+class WindowBiLSTM(nn.Module):
+    """Production model: a small bidirectional LSTM on the window scaled by its own levels.
+
+    Each KPI is divided by its mean over the window (floored, as the online headroom's scale), and
+    every KPI also by the internet mean, which keeps the ratios between KPIs; the network sees those
+    and each step's difference from the last step. It predicts the change from the last internet
+    value relative to the window's internet level, so the output is ``last + level * delta`` in raw
+    units and scaling a site's demand scales its forecast. No statistics of a training site are
+    stored: the ``normalizer`` argument is accepted for :func:`build_model` and ignored.
+    """
+
+    kind = "bilstm"
+    scale_free = True
+
+    def __init__(self, normalizer: Normalizer | None = None, window: int = 10, n_features: int = 4,
+                 hidden: int = 32, layers: int = 1, members: int = 1) -> None:
+        super().__init__()
+        self.config = {"window": window, "n_features": n_features, "hidden": hidden, "layers": layers,
+                       "members": members}
+        self.lstms = nn.ModuleList(nn.LSTM(3 * n_features, hidden, num_layers=layers, batch_first=True,
+                                           bidirectional=True) for _ in range(members))
+        self.heads = nn.ModuleList(nn.Sequential(nn.Linear(2 * hidden, hidden), nn.GELU(), nn.Linear(hidden, 1))
+                                   for _ in range(members))
+
+    def _inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        level = x.mean(dim=1, keepdim=True).clamp_min(SCALE_FLOOR)  # [batch, 1, features]
+        own = x / level
+        internet = level[:, :, 0:1]
+        z = torch.cat([own - 1.0, own - own[:, -1:, :], x / internet - 1.0], dim=2)
+        return z, internet[:, 0, 0]
+
+    def member_deltas(self, z: torch.Tensor) -> torch.Tensor:
+        out = []
+        for lstm, head in zip(self.lstms, self.heads, strict=True):
+            _, (h_n, _) = lstm(z)
+            out.append(head(torch.cat([h_n[-2], h_n[-1]], dim=1)))  # last layer, both directions
+        return torch.cat(out, dim=1)
+
+    def member_forecasts(self, x: torch.Tensor) -> torch.Tensor:
+        z, scale = self._inputs(x)
+        return x[:, -1, 0:1] + self.member_deltas(z) * scale.unsqueeze(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z, scale = self._inputs(x)
+        return x[:, -1, 0] + self.member_deltas(z).mean(dim=1) * scale
 
 
-def build_model(kind: str, normalizer: Normalizer, **config) -> _Scaled:
+MODEL_KINDS: dict[str, type[nn.Module]] = {"paper": PaperBiLSTM, "delta_mlp": DeltaMLP, "bilstm": WindowBiLSTM}
+PRODUCTION_KIND = "bilstm"
+
+
+def is_scale_free(kind: str) -> bool:
+    return bool(getattr(MODEL_KINDS.get(kind), "scale_free", False))
+
+
+def build_model(kind: str, normalizer: Normalizer, **config) -> nn.Module:
     try:
         cls = MODEL_KINDS[kind]
     except KeyError:

@@ -1,8 +1,13 @@
-"""Training loop and checkpoints (torch)."""
+"""Training loop and checkpoints (torch).
+
+``train`` takes one prepared site or several: with several, the fit parts of all of them are
+pooled and early stopping watches their pooled validation parts.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -12,13 +17,17 @@ from torch import nn
 from tqdm import tqdm
 
 from forecaster import KPI_NAMES, STEP_SECONDS, TARGET
-from forecaster.core.allocators import CALIBRATION_TARGETS, calibrate_headroom
+from forecaster.core.allocators import CALIBRATION_TARGETS, TrainingStats, calibrate_headroom
 from forecaster.core.metrics import mae, rmse
+from forecaster.core.online import DEFAULT_ETA, OnlineHeadroom, initial_headroom, window_scale
 from forecaster.core.windows import Normalizer
-from forecaster.models import build_model, count_parameters
+from forecaster.models import build_model, count_parameters, is_scale_free
 from forecaster.prepare import Prepared, prepare
 
 CHECKPOINT_FORMAT = "dtwin-checkpoint/1"
+DOWNSTREAM = KPI_NAMES.index("downstream")
+# Step sizes the online headroom's tuning on validation chooses from.
+ETA_GRID: tuple[float, ...] = (0.005, 0.01, 0.02, 0.05)
 
 
 @dataclass(frozen=True)
@@ -26,13 +35,17 @@ class TrainConfig:
     epochs: int
     batch_size: int
     lr: float
-    loss: str  # "mse" or "huber"
+    loss: str  # "mse", "huber" or "l1"
     patience: int
     weight_decay: float = 0.0
-    huber_delta: float = 0.05  # in target standard deviations
+    huber_delta: float = 0.05  # in standard deviations of the site's internet demand
     plateau_factor: float = 0.5
     plateau_patience: int = 2
     seed: int = 0
+    schedule: str = "plateau"  # or "cosine": annealed to 0 over `epochs`
+    # Also train on each fit window with downstream in the internet column, predicting the next
+    # downstream value: the two correlate at 0.998, so a scale-free model gets twice the examples.
+    swap_downstream: bool = False
 
 
 TRAIN_PRESETS: dict[str, TrainConfig] = {
@@ -40,6 +53,8 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
     "paper": TrainConfig(epochs=30, batch_size=32, lr=1e-4, loss="mse", patience=5),
     "delta_mlp": TrainConfig(epochs=60, batch_size=128, lr=1e-3, loss="huber", patience=10,
                              weight_decay=1e-4, plateau_patience=100),
+    "bilstm": TrainConfig(epochs=60, batch_size=256, lr=3e-3, loss="huber", patience=12, weight_decay=1e-4,
+                          schedule="cosine", swap_downstream=True),
 }
 
 
@@ -51,6 +66,7 @@ class Trained:
     seconds: float
     best_epoch: int
     history: list[dict[str, float]] = field(default_factory=list)
+    site_ids: list[str] = field(default_factory=list)
 
 
 def predict(model: nn.Module, x: np.ndarray, batch_size: int = 4096) -> np.ndarray:
@@ -62,17 +78,57 @@ def predict(model: nn.Module, x: np.ndarray, batch_size: int = 4096) -> np.ndarr
     return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
 
 
-def train(kind: str, prep: Prepared, config: TrainConfig | None = None, progress: bool = True,
-          **model_config) -> Trained:
+def as_list(preps: Prepared | Sequence[Prepared]) -> list[Prepared]:
+    out = [preps] if isinstance(preps, Prepared) else list(preps)
+    if not out:
+        raise ValueError("training needs at least one prepared site")
+    if len({p.window for p in out}) != 1:
+        raise ValueError(f"sites were prepared with different windows: {sorted({p.window for p in out})}")
+    return out
+
+
+def pooled_normalizer(preps: list[Prepared]) -> Normalizer:
+    """One site's own normalizer; for several, one fitted on all their training rows."""
+    if len(preps) == 1:
+        return preps[0].normalizer
+    return Normalizer.fit(np.concatenate([p.site.values[: p.split.train.stop + p.window] for p in preps]))
+
+
+def _pooled(preps: list[Prepared], part: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Windows, targets and each window's loss scale (its site's internet std) of one split part."""
+    xs, ys, ss = [], [], []
+    for p in preps:
+        sl = getattr(p.split, part)
+        xs.append(p.x[sl])
+        ys.append(p.y[sl])
+        ss.append(np.full(len(ys[-1]), float(p.normalizer.std[0]), dtype=np.float32))
+    return np.concatenate(xs), np.concatenate(ys), np.concatenate(ss)
+
+
+def _downstream_swapped(preps: list[Prepared]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    order = [DOWNSTREAM, *range(1, DOWNSTREAM), 0, *range(DOWNSTREAM + 1, len(KPI_NAMES))]
+    xs, ys, ss = [], [], []
+    for p in preps:
+        fit = p.split.fit
+        xs.append(np.ascontiguousarray(p.x[fit][:, :, order]))
+        ys.append(p.site.values[p.window:, DOWNSTREAM][fit].astype(np.float32))
+        ss.append(np.full(len(ys[-1]), float(p.normalizer.std[DOWNSTREAM]), dtype=np.float32))
+    return np.concatenate(xs), np.concatenate(ys), np.concatenate(ss)
+
+
+def train(kind: str, preps: Prepared | Sequence[Prepared], config: TrainConfig | None = None,
+          progress: bool = True, **model_config) -> Trained:
+    preps = as_list(preps)
     cfg = config or TRAIN_PRESETS[kind]
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    model = build_model(kind, prep.normalizer, window=prep.window, **model_config)
-    x_fit = torch.as_tensor(prep.x[prep.split.fit])
-    y_fit = torch.as_tensor(prep.y[prep.split.fit])
-    x_val = prep.x[prep.split.val]
-    y_val = prep.y[prep.split.val]
-    scale = float(prep.normalizer.std[0])
+    model = build_model(kind, pooled_normalizer(preps), window=preps[0].window, **model_config)
+    x_fit, y_fit, s_fit = _pooled(preps, "fit")
+    if cfg.swap_downstream:
+        extra = _downstream_swapped(preps)
+        x_fit, y_fit, s_fit = (np.concatenate([a, b]) for a, b in zip((x_fit, y_fit, s_fit), extra, strict=True))
+    x_fit_t, y_fit_t, s_fit_t = (torch.as_tensor(a) for a in (x_fit, y_fit, s_fit))
+    x_val, y_val, s_val = _pooled(preps, "val")
     if cfg.loss == "mse":
         loss_fn: nn.Module = nn.MSELoss()
     elif cfg.loss == "huber":
@@ -85,37 +141,50 @@ def train(kind: str, prep: Prepared, config: TrainConfig | None = None, progress
         opt: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), cfg.lr, weight_decay=cfg.weight_decay)
     else:
         opt = torch.optim.Adam(model.parameters(), cfg.lr)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=cfg.plateau_factor,
-                                                       patience=cfg.plateau_patience)
+    if cfg.schedule == "cosine":
+        sched: torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau = (
+            torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs))
+    elif cfg.schedule == "plateau":
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=cfg.plateau_factor,
+                                                           patience=cfg.plateau_patience)
+    else:
+        raise ValueError(f"unknown schedule {cfg.schedule!r}")
     gen = torch.Generator().manual_seed(cfg.seed)
     best = (float("inf"), -1, None)
     history: list[dict[str, float]] = []
     start = time.perf_counter()
-    bar = tqdm(range(cfg.epochs), desc=f"train {kind}", unit="epoch", disable=not progress)
+    sites = ",".join(p.site.name for p in preps)
+    bar = tqdm(range(cfg.epochs), desc=f"train {kind} on {sites}", unit="epoch", disable=not progress)
     for epoch in bar:
         model.train()
-        perm = torch.randperm(len(y_fit), generator=gen)
+        perm = torch.randperm(len(y_fit_t), generator=gen)
         total = 0.0
         for i in range(0, len(perm), cfg.batch_size):
             idx = perm[i:i + cfg.batch_size]
             if len(idx) < 2:  # BatchNorm needs more than one sample
                 continue
+            scale = s_fit_t[idx]
             if hasattr(model, "member_forecasts"):
-                pred = model.member_forecasts(x_fit[idx])
+                pred = model.member_forecasts(x_fit_t[idx]) / scale.unsqueeze(1)
+                target = (y_fit_t[idx] / scale).unsqueeze(1).expand_as(pred)
                 # Sum over members so each one learns at the configured rate.
-                loss = loss_fn(pred / scale, (y_fit[idx] / scale).unsqueeze(1).expand_as(pred)) * pred.shape[1]
+                loss = loss_fn(pred, target) * pred.shape[1]
             else:
-                loss = loss_fn(model(x_fit[idx]) / scale, y_fit[idx] / scale)
+                loss = loss_fn(model(x_fit_t[idx]) / scale, y_fit_t[idx] / scale)
             opt.zero_grad()
             loss.backward()
             opt.step()
             total += loss.item() * len(idx)
         pred_val = predict(model, x_val)
+        err = (pred_val - y_val) / s_val  # in each site's own units: no site dominates the pooled loss
+        val_loss = float(np.sqrt(np.mean(err * err))) if cfg.loss == "mse" else float(np.mean(np.abs(err)))
         val_mae = mae(y_val, pred_val)
-        val_loss = rmse(y_val, pred_val) if cfg.loss == "mse" else val_mae
-        sched.step(val_loss)
-        history.append({"epoch": epoch + 1, "train_loss": total / len(perm), "val_mae": val_mae,
-                        "val_rmse": rmse(y_val, pred_val), "lr": opt.param_groups[0]["lr"]})
+        if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            sched.step(val_loss)
+        else:
+            sched.step()
+        history.append({"epoch": epoch + 1, "train_loss": total / len(perm), "val_loss": val_loss,
+                        "val_mae": val_mae, "val_rmse": rmse(y_val, pred_val), "lr": opt.param_groups[0]["lr"]})
         bar.set_postfix(val_mae=f"{val_mae:.2f}", val_rmse=f"{history[-1]['val_rmse']:.2f}")
         if val_loss < best[0]:
             best = (val_loss, epoch + 1, {k: v.detach().clone() for k, v in model.state_dict().items()})
@@ -125,7 +194,7 @@ def train(kind: str, prep: Prepared, config: TrainConfig | None = None, progress
         model.load_state_dict(best[2])
     model.eval()
     return Trained(kind=kind, model=model, config=cfg, seconds=time.perf_counter() - start,
-                   best_epoch=best[1], history=history)
+                   best_epoch=best[1], history=history, site_ids=[p.site.name for p in preps])
 
 
 def calibrations(val_forecast: np.ndarray, val_actual: np.ndarray) -> dict[str, dict]:
@@ -133,36 +202,120 @@ def calibrations(val_forecast: np.ndarray, val_actual: np.ndarray) -> dict[str, 
     return {f"{t:g}": calibrate_headroom(val_forecast, val_actual, t).to_dict() for t in CALIBRATION_TARGETS}
 
 
-def make_checkpoint(trained: Trained, prep: Prepared) -> dict:
-    val_forecast = predict(trained.model, prep.x[prep.split.val])
-    test_forecast = predict(trained.model, prep.x[prep.split.test])
-    val_actual = prep.y[prep.split.val]
-    test_actual = prep.y[prep.split.test]
-    val_last = prep.last[prep.split.val]
+@dataclass(frozen=True)
+class ValidationSeries:
+    """One site's validation part in time order: the tracker's base, scale and the actual demand."""
+
+    base: np.ndarray
+    scale: np.ndarray
+    actual: np.ndarray
+
+
+def validation_series(prep: Prepared, forecast: np.ndarray | None) -> ValidationSeries:
+    """``forecast`` over the site's validation windows, or None for persistence (the last value)."""
+    val = prep.split.val
+    base = prep.last[val].astype(np.float64) if forecast is None else np.asarray(forecast, np.float64)
+    return ValidationSeries(base=base, scale=window_scale(prep.x[val, :, 0]),
+                            actual=prep.y[val].astype(np.float64))
+
+
+def tune_online(series: list[ValidationSeries], target: float,
+                eta_grid: Sequence[float] = ETA_GRID) -> tuple[OnlineHeadroom, list[dict]]:
+    """The online headroom's settings, from validation only.
+
+    The step size: each site's validation part is halved; ``q`` starts from the pooled first halves
+    and the tracker runs on each second half; the step with the lowest mean over-provisioning there
+    among those that hold ``target`` (pooled), else the one with the fewest misses. ``q0``: from all
+    of the pooled validation parts.
+    """
+    first = [slice(0, len(s.actual) // 2) for s in series]
+    second = [slice(len(s.actual) // 2, None) for s in series]
+    q_half = initial_headroom(np.concatenate([s.base[h] for s, h in zip(series, first, strict=True)]),
+                              np.concatenate([s.actual[h] for s, h in zip(series, first, strict=True)]),
+                              np.concatenate([s.scale[h] for s, h in zip(series, first, strict=True)]), target)
+    sweep = []
+    for eta in eta_grid:
+        tracker = OnlineHeadroom(q0=q_half, eta=float(eta), target=target)
+        misses = over = n = 0.0
+        for s, h in zip(series, second, strict=True):
+            alloc, _ = tracker.run(s.base[h], s.scale[h], s.actual[h])
+            misses += float(np.sum(s.actual[h] > alloc))
+            over += float(np.sum(np.maximum(alloc - s.actual[h], 0.0)))
+            n += len(alloc)
+        sweep.append({"eta": float(eta), "underprovisioning_rate": misses / n, "overprovisioning_mean": over / n})
+    holding = [r for r in sweep if r["underprovisioning_rate"] <= target]
+    chosen = (min(holding, key=lambda r: r["overprovisioning_mean"]) if holding
+              else min(sweep, key=lambda r: (r["underprovisioning_rate"], r["overprovisioning_mean"])))
+    q0 = initial_headroom(np.concatenate([s.base for s in series]), np.concatenate([s.actual for s in series]),
+                          np.concatenate([s.scale for s in series]), target)
+    return OnlineHeadroom(q0=q0, eta=chosen["eta"], target=target), sweep
+
+
+def online_headrooms(preps: list[Prepared], val_forecasts: list[np.ndarray]) -> tuple[dict, dict]:
+    """``{"0.01": {"model": {...}, "persistence": {...}}, ...}`` for every calibration target, and the
+    validation sweeps behind each choice of step size."""
+    model_series = [validation_series(p, f) for p, f in zip(preps, val_forecasts, strict=True)]
+    last_series = [validation_series(p, None) for p in preps]
+    settings: dict[str, dict] = {}
+    sweeps: dict[str, dict] = {}
+    for t in CALIBRATION_TARGETS:
+        key = f"{t:g}"
+        settings[key], sweeps[key] = {}, {}
+        for name, series in (("model", model_series), ("persistence", last_series)):
+            tracker, sweep = tune_online(series, t)
+            settings[key][name] = tracker.to_dict()
+            sweeps[key][name] = sweep
+    return settings, sweeps
+
+
+def _data_of(prep: Prepared) -> dict:
+    return {"site": prep.site.name, "source": prep.site.source, "samples": len(prep.site.values),
+            "windows": len(prep.y), "fit": [prep.split.fit.start, prep.split.fit.stop],
+            "val": [prep.split.val.start, prep.split.val.stop],
+            "test": [prep.split.test.start, prep.split.test.stop]}
+
+
+def make_checkpoint(trained: Trained, preps: Prepared | Sequence[Prepared]) -> dict:
+    preps = as_list(preps)
+    val_forecasts = [predict(trained.model, p.x[p.split.val]) for p in preps]
+    val_forecast = np.concatenate(val_forecasts)
+    test_x = np.concatenate([p.x[p.split.test] for p in preps])
+    test_y = np.concatenate([p.y[p.split.test] for p in preps])
+    test_forecast = predict(trained.model, test_x)
+    val_actual = np.concatenate([p.y[p.split.val] for p in preps])
+    val_last = np.concatenate([p.last[p.split.val] for p in preps])
+    stats = preps[0].stats if len(preps) == 1 else TrainingStats.of(
+        np.concatenate([p.y[p.split.train] for p in preps]))
+    online, sweeps = online_headrooms(preps, val_forecasts)
+    data = _data_of(preps[0])
+    if len(preps) > 1:
+        data = {**data, "site": ",".join(p.site.name for p in preps),
+                "source": "; ".join(p.site.source for p in preps), "sites": [_data_of(p) for p in preps]}
     return {
         "format": CHECKPOINT_FORMAT,
         "kind": trained.kind,
         "model_config": dict(trained.model.config),
         "state_dict": trained.model.state_dict(),
         "params": count_parameters(trained.model),
-        "window": prep.window,
-        "step_seconds": int(prep.site.step_seconds or STEP_SECONDS),
+        "window": preps[0].window,
+        "step_seconds": int(preps[0].site.step_seconds or STEP_SECONDS),
         "features": list(KPI_NAMES),
         "target": TARGET,
-        "normalizer": prep.normalizer.to_dict(),
-        "training_stats": asdict(prep.stats),
+        "scale_free": is_scale_free(trained.kind),
+        "normalizer": pooled_normalizer(preps).to_dict(),
+        "training_stats": asdict(stats),
+        "train_site_ids": [p.site.name for p in preps],
         "calibration": calibrations(val_forecast, val_actual),
         "persistence_calibration": calibrations(val_last, val_actual),
+        "online_headroom": online,
+        "online_tuning": {"eta_grid": list(ETA_GRID), "default_eta": DEFAULT_ETA, "sweeps": sweeps},
         "val_forecast": val_forecast.tolist(),
         "val_actual": val_actual.tolist(),
-        "test_metrics": {"mae": mae(test_actual, test_forecast), "rmse": rmse(test_actual, test_forecast),
-                         "n": len(test_actual)},
-        "test_x": torch.as_tensor(prep.x[prep.split.test]),
-        "test_y": torch.as_tensor(prep.y[prep.split.test]),
-        "data": {"site": prep.site.name, "source": prep.site.source, "samples": len(prep.site.values),
-                 "windows": len(prep.y), "fit": [prep.split.fit.start, prep.split.fit.stop],
-                 "val": [prep.split.val.start, prep.split.val.stop],
-                 "test": [prep.split.test.start, prep.split.test.stop]},
+        "test_metrics": {"mae": mae(test_y, test_forecast), "rmse": rmse(test_y, test_forecast),
+                         "n": len(test_y)},
+        "test_x": torch.as_tensor(test_x),
+        "test_y": torch.as_tensor(test_y),
+        "data": data,
         "train": {**asdict(trained.config), "seconds": trained.seconds, "best_epoch": trained.best_epoch,
                   "history": trained.history},
     }

@@ -14,7 +14,10 @@ from forecaster.data import (
     DEFAULT_SERIES,
     DatasetError,
     load_site,
+    load_site_by_id,
+    load_sites,
     parse_series_arg,
+    parse_site_ids,
     resolve_data_dir,
     site_series,
 )
@@ -269,3 +272,44 @@ def test_resolve_data_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("DTWIN_DATA", str(tmp_path / "env"))
     assert resolve_data_dir(None) == tmp_path / "env"
     assert resolve_data_dir(tmp_path / "arg") == tmp_path / "arg"  # the argument wins
+
+
+# --- sites by number ------------------------------------------------------------------------
+
+
+def test_load_site_by_id(data_dir, real_site):
+    site = load_site_by_id(data_dir, 1)
+    assert site.name == "1"
+    np.testing.assert_array_equal(site.values, real_site.values)
+    np.testing.assert_array_equal(site.timestamps, real_site.timestamps)
+
+
+def test_load_sites(data_dir):
+    sites = load_sites(data_dir, [5, 4])
+    assert [s.name for s in sites] == ["5", "4"]
+    assert all(s.values.shape == (10738, 4) for s in sites)
+    assert "s45" in sites[0].source and "s14" in sites[1].source
+    assert not np.array_equal(sites[0].values, sites[1].values)
+    with pytest.raises(ValueError, match="at least one"):
+        load_sites(data_dir, [])
+
+
+def test_load_site_by_id_missing_site(broken_copy):
+    with pytest.raises(DatasetError, match="'s4'"):
+        load_site_by_id(broken_copy, 4)
+
+
+def test_parse_site_ids():
+    assert parse_site_ids("1,4,5") == (1, 4, 5)
+    assert parse_site_ids(" 5 , 1,") == (5, 1)
+    assert parse_site_ids("10") == (10,)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("", "expected site numbers"), (" , ", "expected site numbers"), ("1,x", "'x' in '1,x' is not a site number"),
+    ("s1", "'s1' in 's1' is not a site number"), ("0,4", "0 in '0,4' is out of range"),
+    ("1,11", "11 in '1,11' is out of range"), ("1,4,1", "1 appears twice"), ("1.5", "not a site number"),
+])
+def test_parse_site_ids_errors(text, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_site_ids(text)

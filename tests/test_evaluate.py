@@ -11,8 +11,9 @@ from dtwin.cli import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FIGURES = ("mae_rmse.png", "overprovisioning.png", "radar.png", "efficiency_box.png",
-           "forecast_vs_actual.png")
-ALLOCATORS = ("b1", "b2", "persistence", "persistence_sla", "paper_raw", "paper_sla", "ai_raw", "ai_sla")
+           "forecast_vs_actual.png", "per_site_underprovisioning.png")
+ALLOCATORS = ("b1", "b2", "persistence", "persistence_sla", "paper_raw", "paper_sla", "paper_sla_static", "ai_raw",
+              "ai_sla", "ai_sla_static")
 METRIC_KEYS = ("mae", "rmse", "efficiency_mean", "efficiency_median", "wastage_mean", "utilization_mean",
                "overprovisioning_mean", "underprovisioning_rate", "n")
 
@@ -28,7 +29,7 @@ def evaluated(data_dir, tmp_path_factory):
 def test_evaluate_exit_code_and_files(evaluated):
     rc, out = evaluated
     assert rc == 0
-    for name in ("report.md", "report.json", "paper.pt", "delta_mlp.pt", *FIGURES):
+    for name in ("report.md", "report.json", "paper.pt", "bilstm.pt", *FIGURES):
         assert (out / name).is_file(), name
     for name in FIGURES:
         data = (out / name).read_bytes()
@@ -56,20 +57,27 @@ def test_report_json(evaluated):
     assert a["persistence_sla"]["underprovisioning_rate"] < a["persistence"]["underprovisioning_rate"]
 
     models = report["models"]
-    assert set(models) == {"paper", "delta_mlp"}
+    assert set(models) == {"paper", "bilstm"}
     assert models["paper"]["params"] == 698753
-    assert models["delta_mlp"]["params"] == 9409
+    assert models["bilstm"]["params"] == 13889
     assert models["paper"]["allocator_prefix"] == "paper"
-    assert models["delta_mlp"]["allocator_prefix"] == "ai"
+    assert models["bilstm"]["allocator_prefix"] == "ai"
     for m in models.values():
         assert m["bytes"] > 4 * m["params"]  # float32 weights plus buffers and framing
         assert m["train_seconds"] > 0
         assert m["best_epoch"] == 1
+        assert m["train_site_ids"] == ["s1-s11-s31-s41"]
 
     policies = report["policies"]
-    for name in ("persistence_sla", "paper_sla", "ai_sla"):
+    for name in ("paper_sla_static", "ai_sla_static"):
         assert set(policies[name]["headroom"]) == {"relative", "additive", "target_rate"}
         assert policies[name]["headroom"]["target_rate"] == 0.01
+    for name in ("persistence_sla", "paper_sla", "ai_sla"):
+        assert set(policies[name]["online"]) == {"q0", "eta", "target"}
+        assert policies[name]["online"]["target"] == 0.01
+    # One site: the fleet aggregate is that site's figures.
+    assert list(report["sites"]) == ["s1-s11-s31-s41"]
+    assert report["sites"]["s1-s11-s31-s41"]["allocators"] == report["allocators"]
     assert report["sla_target"] == 0.01
     assert report["window"] == 10
 
@@ -82,7 +90,8 @@ def test_report_markdown(evaluated):
         assert f"| {name} |" in md
     for name in FIGURES:
         assert f"]({name})" in md
-    assert "| paper | paper_* | 698,753 |" in md
+    assert "| paper | paper_* | s1-s11-s31-s41 | 698,753 |" in md
+    assert "| bilstm | ai_* | s1-s11-s31-s41 | 13,889 |" in md
 
 
 def test_evaluate_missing_data_folder(tmp_path, capsys):
@@ -114,11 +123,12 @@ def test_evaluate_unknown_model(data_dir, tmp_path):
 def test_evaluate_from_checkpoint(evaluated, data_dir, tmp_path: Path):
     _, out = evaluated
     rc = main(["evaluate", "--data", str(data_dir), "--limit-samples", "1500",
-               "--checkpoint", str(out / "delta_mlp.pt"), "--out", str(tmp_path)])
+               "--checkpoint", str(out / "bilstm.pt"), "--out", str(tmp_path)])
     assert rc == 0
     report = json.loads((tmp_path / "report.json").read_text())
     first = json.loads((out / "report.json").read_text())
-    assert set(report["models"]) == {"delta_mlp"}
-    # The loaded checkpoint forecasts exactly as the freshly trained model did.
-    assert report["allocators"]["ai_raw"] == first["allocators"]["ai_raw"]
-    assert report["models"]["delta_mlp"]["train_seconds"] == first["models"]["delta_mlp"]["train_seconds"]
+    assert set(report["models"]) == {"bilstm"}
+    # The loaded checkpoint forecasts and allocates exactly as the freshly trained model did.
+    for name in ("ai_raw", "ai_sla", "ai_sla_static"):
+        assert report["allocators"][name] == first["allocators"][name], name
+    assert report["models"]["bilstm"]["train_seconds"] == first["models"]["bilstm"]["train_seconds"]

@@ -15,6 +15,7 @@ from export.artifact import MIN_OPSET, ArtifactError, load_artifact, sha256_file
 from export.bench import COLUMNS
 from export.onnx_export import N_CANARIES, ExportError, export_checkpoint, export_model
 from forecaster import KPI_NAMES, STEP_SECONDS, TARGET, WINDOW
+from forecaster.core.online import OnlineHeadroom
 from forecaster.core.windows import Normalizer
 from forecaster.models import DeltaMLP
 from forecaster.synthetic import generate_site
@@ -29,12 +30,12 @@ from forecaster.train import (
     with_epochs,
 )
 
-EPOCHS = {"delta_mlp": 2, "paper": 1}
+EPOCHS = {"delta_mlp": 2, "paper": 1, "bilstm": 1}
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> dict:
-    """Tiny delta_mlp and paper checkpoints, and their fp32 artifacts (plus the delta_mlp INT8 one)."""
+    """Tiny delta_mlp, paper and bilstm checkpoints, and their fp32 artifacts (plus the delta_mlp INT8 one)."""
     root = tmp_path_factory.mktemp("export")
     prep = prepare(generate_site(0, n_steps=1500))
     out: dict = {"root": root}
@@ -133,6 +134,13 @@ def test_manifest_contents(built, kind):
     assert "0.01" in m["calibration"] and "0.01" in m["persistence_calibration"]
     assert {"relative", "additive", "target_rate"} <= set(m["calibration"]["0.01"])
     assert {"mean", "std", "p95"} <= set(m["training_stats"])
+    assert m["train_site_ids"] == ["synthetic-0"]
+    assert set(m["online_headroom"]) == {"0.005", "0.01", "0.02", "0.05"}
+    for key, entry in m["online_headroom"].items():
+        for which in ("model", "persistence"):
+            h = OnlineHeadroom.from_dict(entry[which])
+            assert h.target == float(key) and h.eta > 0 and np.isfinite(h.q0)
+    assert m["scale_free"] is (kind == "bilstm")
     assert len(m["canaries"]) == N_CANARIES == 8
     for c in m["canaries"]:
         assert np.asarray(c["input"]).shape == (10, 4) and np.isfinite(c["expected"])
@@ -382,3 +390,12 @@ def test_cli_bench_model(built, tmp_path, monkeypatch, capsys):
     assert rows[0]["onnx_bytes"] == built["delta_mlp"]["manifest"]["bytes"]
     assert out.with_suffix(".machine.json").is_file()
     assert "| delta_mlp |" in capsys.readouterr().out
+
+
+def test_bilstm_artifact_is_small_and_scale_free(built):
+    """The production kind: well under 0.5 MB, and scaling a window scales its forecast (in the ONNX graph)."""
+    art = load_artifact(built["bilstm"]["dir"])
+    assert built["bilstm"]["manifest"]["bytes"] <= 500_000
+    _, ckpt = load_checkpoint(built["bilstm"]["ckpt"])
+    x = ckpt["test_x"].numpy()[:64]
+    np.testing.assert_allclose(art.predict(3.0 * x), 3.0 * art.predict(x), rtol=1e-4, atol=1e-3)

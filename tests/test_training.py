@@ -11,7 +11,8 @@ import torch
 
 from forecaster import KPI_NAMES, TARGET, WINDOW
 from forecaster.core.allocators import CALIBRATION_TARGETS, Headroom, allowed_misses
-from forecaster.models import DeltaMLP, PaperBiLSTM, build_model, count_parameters
+from forecaster.core.online import OnlineHeadroom, initial_headroom, window_scale
+from forecaster.models import PRODUCTION_KIND, DeltaMLP, PaperBiLSTM, WindowBiLSTM, build_model, count_parameters
 from forecaster.synthetic import generate_site
 from forecaster.train import (
     CHECKPOINT_FORMAT,
@@ -25,7 +26,7 @@ from forecaster.train import (
     with_epochs,
 )
 
-EPOCHS = {"delta_mlp": 2, "paper": 1}
+EPOCHS = {"delta_mlp": 2, "paper": 1, "bilstm": 1}
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +75,10 @@ def test_parameter_counts(trained):
     # DeltaMLP, window 10, 4 features, hidden 64: (80*64+64) + (64*64+64) + (64+1) = 9409
     assert count_parameters(trained["delta_mlp"].model) == 9409
     assert isinstance(trained["paper"].model, PaperBiLSTM)
+    # WindowBiLSTM, 12 inputs, hidden 32, both directions: 2*(4*32*(12+32) + 2*4*32) + (64*32+32) + (32+1)
+    assert count_parameters(trained["bilstm"].model) == 13889
+    assert isinstance(trained["bilstm"].model, WindowBiLSTM)
+    assert PRODUCTION_KIND == "bilstm"
 
 
 def test_training_is_seeded(prep, trained):
@@ -171,3 +176,63 @@ def test_model_output_in_raw_units(prep):
             member[-1].weight.zero_()
             member[-1].bias.zero_()
     np.testing.assert_allclose(predict(model, prep.x[:50]), prep.x[:50, -1, 0], rtol=1e-6)
+
+
+def test_bilstm_is_scale_free(trained, prep):
+    """Scaling a window scales the forecast: nothing of the training site's level is in the model."""
+    model = trained["bilstm"].model
+    x = prep.x[:200]
+    np.testing.assert_allclose(predict(model, 2.5 * x), 2.5 * predict(model, x), rtol=1e-4, atol=1e-3)
+    assert not any("x_mean" in k or "x_std" in k for k in model.state_dict())
+
+
+@pytest.fixture(scope="module")
+def two_sites():
+    return [prepare(generate_site(0, n_steps=1200)), prepare(generate_site(1, n_steps=1200))]
+
+
+def test_pooled_training_and_checkpoint(two_sites):
+    a, b = two_sites
+    t = train("bilstm", two_sites, with_epochs(TRAIN_PRESETS["bilstm"], 1), progress=False)
+    assert t.site_ids == [a.site.name, b.site.name] and len(t.history) == 1
+    ckpt = make_checkpoint(t, two_sites)
+    assert ckpt["train_site_ids"] == [a.site.name, b.site.name]
+    assert ckpt["data"]["site"] == f"{a.site.name},{b.site.name}" and len(ckpt["data"]["sites"]) == 2
+    n_val = (a.split.val.stop - a.split.val.start) + (b.split.val.stop - b.split.val.start)
+    assert len(ckpt["val_actual"]) == n_val
+    np.testing.assert_allclose(ckpt["val_actual"], np.concatenate([a.y[a.split.val], b.y[b.split.val]]))
+    assert ckpt["test_metrics"]["n"] == len(ckpt["test_y"]) == 2 * (a.split.test.stop - a.split.test.start)
+    pooled_train = np.concatenate([a.y[a.split.train], b.y[b.split.train]])
+    assert ckpt["training_stats"]["n"] == len(pooled_train)
+    assert ckpt["training_stats"]["mean"] == pytest.approx(float(pooled_train.mean()))
+    # q0 of the online headroom: from the pooled validation parts, scale = the window's internet level.
+    val_x = np.concatenate([a.x[a.split.val], b.x[b.split.val]])
+    val_f = predict(t.model, val_x)
+    for key, entry in ckpt["online_headroom"].items():
+        target = float(key)
+        model_h = OnlineHeadroom.from_dict(entry["model"])
+        assert model_h.target == target and model_h.eta in ckpt["online_tuning"]["eta_grid"]
+        assert model_h.q0 == pytest.approx(initial_headroom(val_f, ckpt["val_actual"], window_scale(val_x[:, :, 0]),
+                                                            target))
+        last_h = OnlineHeadroom.from_dict(entry["persistence"])
+        assert last_h.q0 == pytest.approx(initial_headroom(val_x[:, -1, 0], ckpt["val_actual"],
+                                                           window_scale(val_x[:, :, 0]), target))
+        assert {r["eta"] for r in ckpt["online_tuning"]["sweeps"][key]["model"]} == set(
+            ckpt["online_tuning"]["eta_grid"])
+
+
+def test_one_site_as_a_list_trains_the_same(prep, trained):
+    again = train("delta_mlp", [prep], with_epochs(TRAIN_PRESETS["delta_mlp"], 2), progress=False)
+    x = prep.x[prep.split.test]
+    np.testing.assert_array_equal(predict(again.model, x), predict(trained["delta_mlp"].model, x))
+
+
+def test_swap_downstream_doubles_the_fit_windows(prep):
+    from forecaster.train import _downstream_swapped
+
+    x, y, _ = _downstream_swapped([prep])
+    fit = prep.split.fit
+    assert len(x) == fit.stop - fit.start
+    np.testing.assert_array_equal(x[:, :, 0], prep.x[fit][:, :, 3])
+    np.testing.assert_array_equal(x[:, :, 3], prep.x[fit][:, :, 0])
+    np.testing.assert_array_equal(y, prep.site.values[prep.window:prep.window + fit.stop, 3])
