@@ -14,7 +14,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from dtwin.args import env, load_site_from_args
+from dtwin.args import env, load_sites_from_args
 
 ROOT_RUNS = Path("runs")
 
@@ -155,18 +155,39 @@ def histogram_quantiles(before: dict, after: dict, name: str, qs: tuple[float, .
     return out
 
 
+# Synthetic sites the default model is trained on: another seed than the replayed fleet's, so the
+# live loop serves only sites the model never saw.
+TRAINING_SEED_OFFSET = 1000
+TRAINING_SYNTHETIC_SITES = 2
+
+
+def training_sites(args: argparse.Namespace) -> list:
+    """The sites the production model is trained on: the chosen real sites (their training parts), or
+    synthetic sites the replay never sends."""
+    from forecaster.data import resolve_data_dir
+
+    if resolve_data_dir(args.data) is None:
+        from forecaster.synthetic import generate_sites
+
+        return generate_sites(TRAINING_SYNTHETIC_SITES, seed=args.synthetic_seed + TRAINING_SEED_OFFSET)
+    return load_sites_from_args(args)
+
+
 def ensure_model(model_dir: Path, args: argparse.Namespace) -> Path:
-    """Use the artifact in ``model_dir``, or train and export the production model into it."""
+    """Use the artifact in ``model_dir``, or train (pooled over :func:`training_sites`) and export the
+    production model into it."""
     if (model_dir / "manifest.json").is_file():
         return model_dir
-    print(f"no model artifact in {model_dir}: training the production model (first use)", flush=True)
     from export.onnx_export import export_model
     from forecaster.models import PRODUCTION_KIND
     from forecaster.train import make_checkpoint, prepare, save_checkpoint, train
 
-    prep = prepare(load_site_from_args(args))
-    trained = train(PRODUCTION_KIND, prep)
-    ckpt = make_checkpoint(trained, prep)
+    sites = training_sites(args)
+    print(f"no model artifact in {model_dir}: training the production model ({PRODUCTION_KIND}) on "
+          f"{', '.join(s.name for s in sites)} (first use)", flush=True)
+    preps = [prepare(s) for s in sites]
+    trained = train(PRODUCTION_KIND, preps)
+    ckpt = make_checkpoint(trained, preps)
     save_checkpoint(ckpt, model_dir.parent / f"{model_dir.name}.pt")
     export_model(trained.model, ckpt, model_dir)
     return model_dir
