@@ -7,10 +7,10 @@ import argparse
 import sys
 
 from dtwin.commands import bench as bench_loop
-from dtwin.commands import broker, controller, export, forecast, model, replay, up, whatif
+from dtwin.commands import broker, controller, export, forecast, model, replay, swapbench, up, whatif
 from forecaster.data import DatasetError
 
-COMMAND_GROUPS = (forecast, export, broker, replay, controller, up, model, whatif, bench_loop)
+COMMAND_GROUPS = (forecast, export, broker, replay, controller, up, model, whatif, bench_loop, swapbench)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -139,7 +139,7 @@ def cmd_bench_loop(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
-    p = bench.add_parser("loop", help="controller drain rate vs a null pipeline and inference; latency at 50% load")
+    p = bench.add_parser("loop", help="controller drain rate vs a null pipeline and inference; latency at 50 %% load")
     add_data_args(p)
     add_loop_args(p)
     p.add_argument("--samples", type=int, default=50_000, help="samples to pre-load (default %(default)s)")
