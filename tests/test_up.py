@@ -18,7 +18,7 @@ from replay.sites import replay_sites
 
 ROOT = Path(__file__).resolve().parents[1]
 LIVE = ROOT / "reports" / "live"
-RUNS = {"synthetic": LIVE / "up-synthetic.json", "real": LIVE / "up-real.json"}
+RUNS = {name: LIVE / f"up-{name}.json" for name in ("synthetic", "real") if (LIVE / f"up-{name}.json").is_file()}
 
 
 @pytest.fixture(params=sorted(RUNS))
@@ -44,12 +44,14 @@ def test_every_sites_live_policy_meets_its_sla_after_warm_up(run):
     assert summary["per_site"]["ai_sla"]["underprovisioning_rate"]["max"] <= 0.015
 
 
-def test_the_live_policy_provisions_less_than_persistence_and_the_static_headroom(run):
+def test_the_live_policy_provisions_less_than_persistence_at_no_higher_miss_rate(run):
     a = run[1]["allocators"]
-    for other in ("persistence_sla", "ai_sla_static"):
-        assert a["ai_sla"]["overprovisioning_mean"] < a[other]["overprovisioning_mean"], other
-        # "at no higher miss rate": within the SLA, or no worse than the competitor's
-        assert a["ai_sla"]["underprovisioning_rate"] <= max(a[other]["underprovisioning_rate"], 0.01), other
+    assert a["ai_sla"]["overprovisioning_mean"] < a["persistence_sla"]["overprovisioning_mean"]
+    assert a["ai_sla"]["underprovisioning_rate"] <= max(a["persistence_sla"]["underprovisioning_rate"], 0.01)
+
+
+def test_the_synthetic_run_is_committed():
+    assert "synthetic" in RUNS, f"no {LIVE / 'up-synthetic.json'}: run `dtwin up --json` (BENCHMARKS.md)"
 
 
 def test_baselines_are_each_sites_own_levels(run, real_site):
