@@ -300,7 +300,8 @@ def test_fuzzed_input(kafka, artifact_dir, real_site, fleets, record_property):
         "edge_case_good": sum(1 for x in laid if x.reason is None and x.kind != "good"),
         "kinds": len({x.kind for x in laid}), "by_reason": dict(sorted(reasons.items())),
         "dead_letters": len(dead), "worker_alive": w.alive(), **result.figures()})
-    assert w.alive() and "failed; stopping the worker" not in log_text(w)
+    assert w.alive(), f"worker exited with {w.process.returncode}: {log_text(w)[-2000:]}"
+    assert "failed; stopping the worker" not in log_text(w), log_text(w)[-2000:]
     assert not missing and not wrong and not extra, (missing[:5], wrong[:5], extra[:5])
     assert max(by_source.values()) == 1 and len(dead) == sum(reasons.values()) >= 5000
     assert sum(m["dtwin_samples_rejected_total"].values()) == len(dead)
@@ -345,7 +346,8 @@ def test_poison_state(kafka, artifact_dir, real_site, fleets, record_property):
                                              "victim_second_half": dict(victim_policies)})
     assert value(m, "dtwin_state_resets_total", reason="corrupt") >= 1
     assert f"site {victim!r}: stored state does not decode" in log_text(w)
-    assert w.alive() and "failed; stopping the worker" not in log_text(w)
+    assert w.alive(), f"worker exited with {w.process.returncode}: {log_text(w)[-2000:]}"
+    assert "failed; stopping the worker" not in log_text(w), log_text(w)[-2000:]
     assert victim_policies["fallback"] == 9 and victim_policies["ai_sla"] == half - 9
     assert not result.problems(), result.problems()
     assert result.duplicates == 0
