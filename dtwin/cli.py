@@ -8,9 +8,11 @@ import sys
 
 from dtwin.commands import bench as bench_loop
 from dtwin.commands import broker, controller, export, forecast, model, replay, swapbench, up, whatif
+from dtwin.commands import recovery as bench_recovery
 from forecaster.data import DatasetError
 
-COMMAND_GROUPS = (forecast, export, broker, replay, controller, up, model, whatif, bench_loop, swapbench)
+COMMAND_GROUPS = (forecast, export, broker, replay, controller, up, model, whatif, bench_loop, bench_recovery,
+                  swapbench)
 
 
 def build_parser() -> argparse.ArgumentParser:
