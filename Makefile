@@ -46,19 +46,22 @@ kafka-jars: $(BIN)/.installed
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 
-# The committed offline report (reports/paper/) on the real data.
-report: $(BIN)/.installed
-	$(BIN)/dtwin evaluate --data $(or $(DATA),../shared/datasets/network-operator-kpis) --out reports/paper
+DATA_DIR := $(or $(DATA),../shared/datasets/network-operator-kpis)
 
-# The figures in BENCHMARKS.md: models from `make report`, exported, then both benchmarks.
+# The committed offline reports: the paper site (paper protocol) and the fleet (train 1,4; evaluate 1,4,5).
+report: $(BIN)/.installed
+	$(BIN)/dtwin evaluate --data $(DATA_DIR) --series s1,s11,s31,s41 --out reports/paper
+	$(BIN)/dtwin evaluate --data $(DATA_DIR) --site-ids 1,4,5 --train-site-ids 1,4 --model bilstm,delta_mlp \
+	  --out reports/fleet
+
+# The model figures of BENCHMARKS.md (after `make report`); the Kafka benchmarks are listed there.
 bench: $(BIN)/.installed
-	test -f reports/paper/paper.pt -a -f reports/paper/delta_mlp.pt || $(MAKE) report
-	$(BIN)/dtwin export reports/paper/paper.pt --out artifacts/paper
-	$(BIN)/dtwin export reports/paper/delta_mlp.pt --out artifacts/delta_mlp
-	$(BIN)/dtwin export reports/paper/delta_mlp.pt --out artifacts/delta_mlp-int8 --int8
-	$(BIN)/dtwin bench model artifacts/paper artifacts/delta_mlp artifacts/delta_mlp-int8 \
-	  --data $(or $(DATA),../shared/datasets/network-operator-kpis) --json reports/bench/model.json
-	$(BIN)/dtwin bench loop --samples 50000 --sites 100 --model-dir artifacts/delta_mlp --json reports/bench/loop.json
+	test -f reports/paper/paper.pt -a -f reports/paper/bilstm.pt || $(MAKE) report
+	test -f reports/paper/delta_mlp.pt || $(BIN)/dtwin train --model delta_mlp --data $(DATA_DIR) \
+	  --series s1,s11,s31,s41 --out reports/paper/delta_mlp.pt
+	for k in paper bilstm delta_mlp; do $(BIN)/dtwin export reports/paper/$$k.pt --out artifacts/fleet-bench/$$k; done
+	$(BIN)/dtwin bench model artifacts/fleet-bench/paper artifacts/fleet-bench/bilstm artifacts/fleet-bench/delta_mlp \
+	  --data $(DATA_DIR) --json reports/bench/model.json
 
 clean:
 	rm -rf $(VENV) runs artifacts .pytest_cache .ruff_cache
