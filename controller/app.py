@@ -43,7 +43,6 @@ LOG_LEVELS = {"crit": logging.CRITICAL, "error": logging.ERROR, "warn": logging.
 CHANGELOG_MARKER_KEY = b"\x00dtwin-changelog-marker"
 EXIT_DELIVERY_FAILED = 70
 EXIT_FAULT_INJECTED = 99
-SEEK_BACK_SECONDS = 30.0  # how long skipped records may take to come again after a seek
 
 
 def _bounded_fetch_wait(create, fetch_max_wait_ms: int):
@@ -68,22 +67,6 @@ def patch_fetch_wait(fetch_max_wait_ms: int) -> None:
     patched = _bounded_fetch_wait(original, fetch_max_wait_ms)
     patched.__wrapped__ = original  # type: ignore[attr-defined]
     AIOKafkaConsumerThread._create_worker_consumer = patched
-
-
-def patch_offset_gaps(topic: str) -> None:
-    """Faust records a jump in a partition's offsets as a gap and may commit past it; on the samples
-    topic a jump is a skip (see :meth:`Controller._in_sequence`), so no gap is recorded for it."""
-    from faust.transport.consumer import Consumer
-
-    current = Consumer._add_gap
-    original = getattr(current, "__wrapped__", current)
-
-    async def add_gap(self, tp, offset_from: int, offset_to: int) -> None:
-        if tp.topic != topic:
-            await original(self, tp, offset_from, offset_to)
-
-    add_gap.__wrapped__ = original  # type: ignore[attr-defined]
-    Consumer._add_gap = add_gap
 
 
 def faust_credentials(settings: ControllerSettings):
@@ -143,7 +126,6 @@ class Controller:
         self.model_source = None
         self.batches = 0
         self._next_offset: dict = {}  # source TP -> the offset its next record must have
-        self._seeking: dict = {}  # source TP -> when it was sought back after a skip
         self.fault = self._parse_fault(s.fault_point)
 
         # Faust binds a page's first argument to its view and names tasks after their functions, so the
@@ -259,9 +241,8 @@ class Controller:
             if events:
                 self.batches += 1
                 try:
-                    events = await self._in_sequence(events)
-                    if events:
-                        await handler(events)
+                    self._check_sequence(events)
+                    await handler(events)
                 except Exception:
                     # take_events acks a batch whose handler raised; stop before it can.
                     log.critical("batch %d failed; stopping the worker without acking it", self.batches,
@@ -269,49 +250,26 @@ class Controller:
                     logging.shutdown()
                     os._exit(EXIT_DELIVERY_FAILED)
 
-    async def _in_sequence(self, events) -> list:
-        """The batch's events that continue their partition's sequence of offsets.
+    def _check_sequence(self, events) -> None:
+        """Count and log a jump in a source partition's offsets (records the fetcher skipped).
 
-        After a (re)assignment Faust's fetcher can hand over a partition's records starting past its
-        committed offset: seen on Apache Kafka when a worker starts while samples wait, and the cause of
-        the samples skipped across restarts on the embedded broker too. Faust then treats the skipped
-        offsets as a gap it may commit past (`Consumer._add_gap`, disabled for the samples topic by
-        :func:`patch_offset_gaps`), or, for a single record, commits past it outright. The samples
-        topic is neither compacted nor transactional, so its offsets never jump: a jump is a skip. The
-        partition is sought back to the first missing offset and its events in this batch are left
-        out; they come again after the seek.
+        Seen on Apache Kafka when a worker starts while samples wait: Faust's fetcher hands over a
+        partition's records starting past its committed offset, and Faust then commits past the skipped
+        ones (its offset "gap" bookkeeping). The samples topic is neither compacted nor transactional, so
+        its offsets never jump. Seeking back from the agent did not recover them (the re-read records
+        never reached the stream), so this only makes the loss visible: `dtwin_fetch_skips_total`.
         """
-        consumer = self.app.consumer
-        committed = getattr(consumer, "_committed_offset", {})
-        now = time.monotonic()
-        skipped: dict = {}
-        kept = []
+        committed = getattr(self.app.consumer, "_committed_offset", {})
         for ev in events:
             msg = ev.message
-            tp = msg.tp
-            if tp in skipped:
-                continue
-            expected = self._next_offset.get(tp)
+            expected = self._next_offset.get(msg.tp)
             if expected is None:
-                expected = committed.get(tp)
+                expected = committed.get(msg.tp)
             if expected is not None and msg.offset > expected:
-                since = self._seeking.get(tp)
-                if since is None:  # a new skip: seek back
-                    skipped[tp] = expected
-                    continue
-                if now - since < SEEK_BACK_SECONDS:  # records fetched before the seek: they come again
-                    continue
-                log.error("%s: offsets %d..%d never came back after a seek (gone from the broker?); "
-                          "continuing at %d", tp, expected, msg.offset - 1, msg.offset)
-            self._seeking.pop(tp, None)
-            self._next_offset[tp] = msg.offset + 1
-            kept.append(ev)
-        for tp, offset in skipped.items():
-            self.metrics.fetch_skips.inc()
-            self._seeking[tp] = now
-            log.warning("%s: the fetcher skipped records from offset %d; seeking back", tp, offset)
-            await consumer.seek(tp, offset)
-        return kept
+                self.metrics.fetch_skips.inc()
+                log.error("%s: records %d..%d never reached the worker (skipped by the consumer)", msg.tp,
+                          expected, msg.offset - 1)
+            self._next_offset[msg.tp] = msg.offset + 1
 
     async def _send_all(self, records: Sequence[tuple[str, bytes | None, bytes, int | None]],
                         mid_send_fault: bool = False) -> None:
@@ -436,7 +394,6 @@ class Controller:
 
     async def _on_assigned(self, app, assigned=(), *args, **kwargs) -> None:
         self._next_offset.clear()  # the next records continue from the committed offsets
-        self._seeking.clear()
         self.metrics.rebalances.inc()
         self.metrics.assigned.set(len([tp for tp in assigned if tp.topic == self.topics.samples]))
 
@@ -470,7 +427,6 @@ class Controller:
         import sys
 
         patch_fetch_wait(self.settings.fetch_max_wait_ms)
-        patch_offset_gaps(self.topics.samples)
         if self.settings.pipeline == "control":
             self.load_models()
         sys.argv = argv

@@ -124,7 +124,7 @@ class FleetMetrics:
                                    registry=r)
         self.rebalances = Counter("dtwin_rebalances", "Partition assignments received", registry=r)
         self.recoveries = Counter("dtwin_table_recoveries", "Table recoveries completed", registry=r)
-        self.fetch_skips = Counter("dtwin_fetch_skips", "Partitions sought back after the fetcher skipped records",
+        self.fetch_skips = Counter("dtwin_fetch_skips", "Jumps in a source partition's offsets: records skipped",
                                    registry=r)
         self.batch_retries = Counter("dtwin_batch_retries", "Deliveries of a batch retried after an error",
                                      registry=r)

@@ -71,6 +71,7 @@ COUNTERS = {
     "dtwin_commands_reemitted_total",
     "dtwin_samples_redelivered_total",
     "dtwin_batch_retries_total",
+    "dtwin_fetch_skips_total",
     "dtwin_rebalances_total",
     "dtwin_table_recoveries_total",
     "dtwin_model_swaps_total",
