@@ -309,6 +309,7 @@ class Controller:
                 check_key(msg.key, sample.site)
             except Rejected as rej:
                 dead.append((msg, rej.reason, rej.detail))
+                m.rejected.labels(rej.reason).inc()  # the engine's rejects are counted by m.observe
                 continue
             samples.append(sample)
             positions.append((msg.partition, msg.offset))
@@ -355,8 +356,6 @@ class Controller:
             m.reemitted.inc(len(result.reemitted))
         m.observe(result, {site: {"ai_sla": st.q_ai, "persistence_sla": st.q_persistence}
                            for site, st in result.states.items() if site in m.labelled})
-        for _, reason, _ in dead[:len(dead) - len(result.rejects)]:
-            m.rejected.labels(reason).inc()
         m.batch_done(len(events))
 
     async def _forward(self, events) -> None:
