@@ -47,9 +47,6 @@ pytestmark = pytest.mark.kafka
 FAULT_BATCH = 6  # the faulty worker's batch to die in: a few batches' states are stored before it
 
 
-FAUST_SKIP = pytest.mark.xfail(strict=False, reason=(
-    "known open bug: after a (re)assignment Faust's consumer can skip source records and commit past them "
-    "(dtwin_fetch_skips_total counts it); see BENCHMARKS.md, Recovery"))
 
 @pytest.fixture
 def fleets(tmp_path: Path):
@@ -92,7 +89,6 @@ def log_text(w) -> str:
     return Path(w.log_path).read_text(encoding="utf-8", errors="replace")
 
 
-@FAUST_SKIP
 @pytest.mark.timeout(180)
 def test_crash_and_takeover(kafka, artifact_dir, real_site, fleets, record_property):
     """kill -9 one of two workers mid-stream: the survivor takes its partitions, restores the windows and
@@ -142,9 +138,9 @@ def test_crash_and_takeover(kafka, artifact_dir, real_site, fleets, record_prope
     assert set(first_after) == moved
     assert {c["policy"] for c in first_after.values()} == {"ai_sla"}
     assert kill.recovery_s <= 30, kill.figures()
+    assert value(survivor, "dtwin_fetch_skips_total") == 0
 
 
-@FAUST_SKIP
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("step", ["after_commands", "after_state", "mid_send"])
 def test_kill_inside_the_batch_cycle(step, kafka, artifact_dir, real_site, fleets, record_property):
@@ -174,7 +170,6 @@ def test_kill_inside_the_batch_cycle(step, kafka, artifact_dir, real_site, fleet
         assert result.reemitted >= 1
 
 
-@FAUST_SKIP
 @pytest.mark.timeout(150)
 def test_graceful_restart(kafka, artifact_dir, real_site, fleets, record_property):
     """SIGTERM mid-stream, then a new worker: no duplicates, no gaps, nothing skipped."""
@@ -206,6 +201,7 @@ def test_graceful_restart(kafka, artifact_dir, real_site, fleets, record_propert
     assert result.duplicates == 0
     assert value(m, "dtwin_window_gaps_total") == 0
     assert value(m, "dtwin_samples_redelivered_total") == 0
+    assert value(m, "dtwin_fetch_skips_total") == 0
 
 
 @pytest.mark.timeout(200)
@@ -319,7 +315,6 @@ def test_fuzzed_input(kafka, artifact_dir, real_site, fleets, record_property):
     assert {d["reason"] for d in dead if d["tombstone"]} == {"tombstone"}
 
 
-@FAUST_SKIP
 @pytest.mark.timeout(150)
 def test_poison_state(kafka, artifact_dir, real_site, fleets, record_property):
     """A corrupt changelog value for one site: after a restart that site alone starts afresh (counted, logged)
@@ -359,3 +354,4 @@ def test_poison_state(kafka, artifact_dir, real_site, fleets, record_property):
     assert victim_policies["fallback"] == 9 and victim_policies["ai_sla"] == half - 9
     assert not result.problems(), result.problems()
     assert result.duplicates == 0
+    assert value(m, "dtwin_fetch_skips_total") == 0
