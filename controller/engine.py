@@ -31,7 +31,7 @@ from contracts.messages import Sample
 from contracts.state import Pending, SiteState
 from forecaster.core.allocators import Headroom
 from forecaster.core.baselines import HISTOGRAM_BINS, BaselineEstimator, demand_bin
-from forecaster.core.online import OnlineHeadroom, window_scale
+from forecaster.core.online import OnlineHeadroom, headroom_scale
 
 AI_SLA, AI_RAW, AI_SLA_STATIC = "ai_sla", "ai_raw", "ai_sla_static"
 B1, B2, PERSISTENCE_SLA, FALLBACK = "b1", "b2", "persistence_sla", "fallback"
@@ -103,7 +103,7 @@ class _Decision:
     sample: int
     ts: int
     last: float
-    scale: float
+    window_mean: float  # the window's mean internet demand
     window_index: int  # row in the batch's model input, -1 for a fallback
 
 
@@ -179,8 +179,7 @@ class Engine:
             st.last_ts = s.ts
             internet = [r[0] for r in st.rows]
             full = len(st.rows) == cfg.window
-            d = _Decision(s.site, i, s.ts + step, s.values[0], float(window_scale(np.asarray(internet))),
-                          len(windows) if full else -1)
+            d = _Decision(s.site, i, s.ts + step, s.values[0], float(np.mean(internet)), len(windows) if full else -1)
             if full:
                 windows.append(np.asarray(st.rows, dtype=np.float32))
             ops.append(("decide", s.site, d))
@@ -232,18 +231,19 @@ class Engine:
         pers = cfg.persistence
         if math.isnan(st.q_persistence):
             st.q_persistence = pers.q0
-        persistence_alloc = pers.allocate_one(d.last, d.scale, st.q_persistence, cfg.floor, cfg.ceiling)
+        scale = float(headroom_scale(d.window_mean, site_level(st)))
+        persistence_alloc = pers.allocate_one(d.last, scale, st.q_persistence, cfg.floor, cfg.ceiling)
         scorable = st.levels is not None
         f = float(forecast[d.window_index]) if d.window_index >= 0 else math.nan
         if not math.isfinite(f):  # no full window, or a model that returned garbage: never a NaN command
-            return Pending(ts=d.ts, forecast=d.last, candidate_forecast=math.nan, scale=d.scale, scorable=scorable,
+            return Pending(ts=d.ts, forecast=d.last, candidate_forecast=math.nan, scale=scale, scorable=scorable,
                            decided_at=now, policy=FALLBACK, model_version=self.model.version,
                            alloc={FALLBACK: persistence_alloc, PERSISTENCE_SLA: persistence_alloc})
         m = self.model
         if math.isnan(st.q_ai):
             st.q_ai = m.online.q0
         alloc = {
-            AI_SLA: m.online.allocate_one(f, d.scale, st.q_ai, cfg.floor, cfg.ceiling),
+            AI_SLA: m.online.allocate_one(f, scale, st.q_ai, cfg.floor, cfg.ceiling),
             AI_RAW: self._bound(f),
             AI_SLA_STATIC: self._bound(float(m.static.apply(np.asarray(f)))),
             PERSISTENCE_SLA: persistence_alloc,
@@ -258,10 +258,10 @@ class Engine:
                 if math.isnan(st.q_candidate) or st.candidate_version != self.candidate.version:
                     st.q_candidate = self.candidate.online.q0  # a new candidate starts from its own headroom
                     st.candidate_version = self.candidate.version
-                alloc[CANDIDATE] = self.candidate.online.allocate_one(cf, d.scale, st.q_candidate, cfg.floor,
+                alloc[CANDIDATE] = self.candidate.online.allocate_one(cf, scale, st.q_candidate, cfg.floor,
                                                                       cfg.ceiling)
                 alloc[CURRENT] = alloc[AI_SLA]
-        return Pending(ts=d.ts, forecast=f, candidate_forecast=cf, scale=d.scale, scorable=scorable, decided_at=now,
+        return Pending(ts=d.ts, forecast=f, candidate_forecast=cf, scale=scale, scorable=scorable, decided_at=now,
                        policy=self.live_name, model_version=m.version, alloc=alloc)
 
     def _score(self, site: str, st: SiteState, p: Pending | None, actual: float, result: BatchResult) -> None:
@@ -299,6 +299,14 @@ class Engine:
             stats = est.stats()
             st.levels = (stats.mean, stats.std, stats.p95)
             st.histogram = {}
+
+
+def site_level(st: SiteState) -> float:
+    """The site's long-run mean demand for the headroom's scale: its frozen baseline mean, else the
+    mean of its warm-up so far, else NaN (nothing seen yet)."""
+    if st.levels is not None:
+        return st.levels[0]
+    return st.total / st.seen if st.seen else math.nan
 
 
 def baseline_estimator(st: SiteState) -> BaselineEstimator:

@@ -31,7 +31,7 @@ from forecaster.core.allocators import (
     persistence,
 )
 from forecaster.core.metrics import mae, rmse, summarize
-from forecaster.core.online import OnlineHeadroom, window_scale
+from forecaster.core.online import OnlineHeadroom, headroom_scale
 from forecaster.data import Site
 from forecaster.models import PRODUCTION_KIND, count_parameters
 from forecaster.prepare import Prepared
@@ -53,7 +53,8 @@ PAPER_REPORTED = {"mae": 25.0, "rmse": 40.0, "efficiency_median": 0.987}
 # Allocator-name prefix per model kind: the paper's Table I model and the production model; any
 # other kind is named after itself.
 PREFIX = {"paper": "paper", PRODUCTION_KIND: "ai"}
-SCALE_NOTE = "allocation = base + q × (window mean internet, floored at 1); q tracked online per site"
+SCALE_NOTE = ("allocation = base + q × (½ window mean internet + ½ the site's training mean, floored at 1); "
+              "q tracked online per site")
 
 
 def state_dict_bytes(model: torch.nn.Module) -> int:
@@ -71,7 +72,7 @@ def _online(tracker: OnlineHeadroom, prep: Prepared, base: np.ndarray) -> np.nda
     """Run ``tracker`` over the site's validation and test parts (``base`` over both); the test part's
     allocations."""
     span = _tracked(prep)
-    alloc, _ = tracker.run(base, window_scale(prep.x[span, :, 0]), prep.y[span])
+    alloc, _ = tracker.run(base, headroom_scale(prep.x[span, :, 0].mean(axis=1), prep.stats.mean), prep.y[span])
     return alloc[prep.split.val.stop - prep.split.val.start:]
 
 

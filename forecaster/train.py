@@ -19,7 +19,7 @@ from tqdm import tqdm
 from forecaster import KPI_NAMES, STEP_SECONDS, TARGET
 from forecaster.core.allocators import CALIBRATION_TARGETS, TrainingStats, calibrate_headroom
 from forecaster.core.metrics import mae, rmse
-from forecaster.core.online import DEFAULT_ETA, OnlineHeadroom, initial_headroom, window_scale
+from forecaster.core.online import DEFAULT_ETA, OnlineHeadroom, headroom_scale, initial_headroom
 from forecaster.core.windows import Normalizer
 from forecaster.models import build_model, count_parameters, is_scale_free
 from forecaster.prepare import Prepared, prepare
@@ -215,7 +215,7 @@ def validation_series(prep: Prepared, forecast: np.ndarray | None) -> Validation
     """``forecast`` over the site's validation windows, or None for persistence (the last value)."""
     val = prep.split.val
     base = prep.last[val].astype(np.float64) if forecast is None else np.asarray(forecast, np.float64)
-    return ValidationSeries(base=base, scale=window_scale(prep.x[val, :, 0]),
+    return ValidationSeries(base=base, scale=headroom_scale(prep.x[val, :, 0].mean(axis=1), prep.stats.mean),
                             actual=prep.y[val].astype(np.float64))
 
 

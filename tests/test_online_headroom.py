@@ -8,7 +8,8 @@ import pytest
 
 from forecaster.core.allocators import TrainingStats, calibrate_headroom
 from forecaster.core.baselines import P95_MAX_ERROR, BaselineEstimator, live_levels
-from forecaster.core.online import OnlineHeadroom, initial_headroom, window_scale
+from forecaster.core.online import SCALE_FLOOR, OnlineHeadroom, headroom_scale, initial_headroom
+from forecaster.synthetic import generate_site
 
 
 def test_histogram_p95_is_within_its_stated_error_of_the_exact_percentile(real_site):
@@ -42,7 +43,7 @@ def drifting_series(n: int = 20_000, seed: int = 0):
     noise = rng.normal(0, 1, n) * (0.02 + 0.08 * t / n) * level
     actual = level + noise
     forecast = level  # a point forecast that is right on average
-    return forecast, actual, window_scale(np.stack([level] * 10, axis=1))
+    return forecast, actual, headroom_scale(level)
 
 
 def test_the_tracker_holds_its_target_where_a_static_headroom_fails():
@@ -82,3 +83,32 @@ def test_run_and_the_interval_steps_agree():
         assert a == alloc[i]
         q = tracker.update_one(q, a, actual[i])
     assert q == q_end
+
+
+def test_the_scale_mixes_the_window_and_the_site_level():
+    assert float(headroom_scale(300.0, 100.0)) == pytest.approx(200.0)
+    assert float(headroom_scale(300.0, float("nan"))) == pytest.approx(300.0)  # nothing seen yet
+    assert float(headroom_scale(300.0)) == pytest.approx(300.0)
+    assert float(headroom_scale(0.0, 0.0)) == SCALE_FLOOR
+    np.testing.assert_allclose(headroom_scale(np.array([100.0, 500.0]), 300.0), [200.0, 400.0])
+
+
+def test_the_site_level_in_the_scale_cuts_over_provisioning_where_noise_is_not_proportional():
+    """A synthetic site's noise and surges do not grow with the hour's level: a headroom proportional
+    to the window mean alone over-provisions at every daily peak for the same miss rate."""
+    site = generate_site(0, n_steps=8000)
+    internet = site.values[:, 0].astype(np.float64)
+    windows = np.lib.stride_tricks.sliding_window_view(internet[:-1], 10)
+    base, actual, window_mean = windows[:, -1], internet[10:], windows.mean(axis=1)
+    level = float(internet[:4000].mean())
+    results = {}
+    for name, scale in (("window", headroom_scale(window_mean)), ("mixed", headroom_scale(window_mean, level))):
+        calib = slice(0, 2000)
+        tracker = OnlineHeadroom(q0=initial_headroom(base[calib], actual[calib], scale[calib], 0.01), eta=0.01)
+        alloc, _ = tracker.run(base, scale, actual)
+        later = slice(2000, None)
+        results[name] = (float(np.mean(actual[later] > alloc[later])),
+                         float(np.mean(np.maximum(alloc[later] - actual[later], 0.0))))
+    (miss_w, over_w), (miss_m, over_m) = results["window"], results["mixed"]
+    assert abs(miss_w - 0.01) < 0.004 and abs(miss_m - 0.01) < 0.004, results
+    assert over_m < 0.85 * over_w, results

@@ -2,8 +2,12 @@
 the conformal PID controller's quantile step).
 
 Per site, the allocation for the next interval is ``base + q * scale``: ``base`` is the point
-forecast (or the last value, for persistence), ``scale`` the mean internet level of the window
-(:func:`window_scale`), so ``q`` is a scale-free headroom and one step size fits sites of any level.
+forecast (or the last value, for persistence), ``scale`` the site's level (:func:`headroom_scale`):
+half the window's mean internet demand and half the site's own long-run mean, the mean of the same
+history its B1 and B2 come from. So ``q`` is a scale-free headroom and one step size fits sites of any
+level. The long-run half keeps the headroom from swelling at every daily peak: the demand's noise
+and surges are not proportional to the hour's level (on the synthetic fleet the window mean alone
+over-provisioned by 28 units against 18, at the same miss rate; on the paper site 18.8 against 16.6).
 When the interval's actual arrives::
 
     miss = actual > allocation
@@ -30,10 +34,18 @@ SCALE_FLOOR = 1.0  # demand units: keeps the scale positive through outages (the
 Q_MIN, Q_MAX = -1.0, 5.0
 
 
-def window_scale(internet_window: np.ndarray) -> np.ndarray:
-    """Scale of each window ``[N, window]`` (or ``[window]``): its mean internet level, floored."""
-    w = np.asarray(internet_window, dtype=np.float64)
-    return np.maximum(w.mean(axis=-1), SCALE_FLOOR)
+SITE_LEVEL_WEIGHT = 0.5
+
+
+def headroom_scale(window_mean: np.ndarray | float, site_level: np.ndarray | float | None = None) -> np.ndarray:
+    """The headroom's scale from each window's mean internet demand and the site's long-run mean
+    level (offline: its training part; live: its baseline warm-up so far), floored. Without a site
+    level (None or NaN: nothing seen yet), the window mean alone."""
+    scale = np.asarray(window_mean, dtype=np.float64)
+    if site_level is not None:
+        level = np.asarray(site_level, dtype=np.float64)
+        scale = np.where(np.isfinite(level), (1.0 - SITE_LEVEL_WEIGHT) * scale + SITE_LEVEL_WEIGHT * level, scale)
+    return np.maximum(scale, SCALE_FLOOR)
 
 
 def initial_headroom(base: np.ndarray, actual: np.ndarray, scale: np.ndarray, target: float) -> float:
