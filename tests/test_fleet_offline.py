@@ -43,13 +43,7 @@ def test_paper_site_online_headroom():
     a = _report("paper")["allocators"]["ai_sla"]
     assert a["overprovisioning_mean"] <= 22.0
     assert a["efficiency_mean"] >= 0.93
-    assert a["underprovisioning_rate"] <= 0.011  # guard; the bar (1.0 %) is the test below
-
-
-@pytest.mark.xfail(strict=True, reason="not met: 22 of 2,146 test intervals (1.03 %) under-provisioned, the bar "
-                   "allows 21; the tracker's step was chosen on validation (0.70 % there) and not tuned on test")
-def test_paper_site_online_headroom_miss_rate():
-    assert _report("paper")["allocators"]["ai_sla"]["underprovisioning_rate"] <= 0.010
+    assert a["underprovisioning_rate"] <= 0.010
 
 
 def test_fleet_report_unseen_site():

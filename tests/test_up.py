@@ -50,8 +50,15 @@ def test_the_live_policy_provisions_less_than_persistence_at_no_higher_miss_rate
     assert a["ai_sla"]["underprovisioning_rate"] <= max(a["persistence_sla"]["underprovisioning_rate"], 0.01)
 
 
-def test_the_synthetic_run_is_committed():
-    assert "synthetic" in RUNS, f"no {LIVE / 'up-synthetic.json'}: run `dtwin up --json` (BENCHMARKS.md)"
+def test_the_live_policy_provisions_less_than_the_static_headroom_at_no_higher_miss_rate(run):
+    a = run[1]["allocators"]
+    assert a["ai_sla"]["overprovisioning_mean"] < a["ai_sla_static"]["overprovisioning_mean"]
+    assert a["ai_sla"]["underprovisioning_rate"] <= max(a["ai_sla_static"]["underprovisioning_rate"], 0.01)
+
+
+@pytest.mark.parametrize("name", ["synthetic", "real"])
+def test_the_runs_are_committed(name):
+    assert name in RUNS, f"no {LIVE / f'up-{name}.json'}: run `dtwin up --json` (BENCHMARKS.md, Live fleet)"
 
 
 def test_baselines_are_each_sites_own_levels(run, real_site):
