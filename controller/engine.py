@@ -31,7 +31,7 @@ from contracts.messages import Sample
 from contracts.state import Pending, SiteState
 from forecaster.core.allocators import Headroom
 from forecaster.core.baselines import HISTOGRAM_BINS, BaselineEstimator, demand_bin
-from forecaster.core.online import OnlineHeadroom, headroom_scale
+from forecaster.core.online import OnlineHeadroom
 
 AI_SLA, AI_RAW, AI_SLA_STATIC = "ai_sla", "ai_raw", "ai_sla_static"
 B1, B2, PERSISTENCE_SLA, FALLBACK = "b1", "b2", "persistence_sla", "fallback"
@@ -231,7 +231,8 @@ class Engine:
         pers = cfg.persistence
         if math.isnan(st.q_persistence):
             st.q_persistence = pers.q0
-        scale = float(headroom_scale(d.window_mean, site_level(st)))
+        level = site_level(st)
+        scale = float(pers.scale(d.window_mean, level))
         persistence_alloc = pers.allocate_one(d.last, scale, st.q_persistence, cfg.floor, cfg.ceiling)
         scorable = st.levels is not None
         f = float(forecast[d.window_index]) if d.window_index >= 0 else math.nan
@@ -242,6 +243,7 @@ class Engine:
         m = self.model
         if math.isnan(st.q_ai):
             st.q_ai = m.online.q0
+        scale = float(m.online.scale(d.window_mean, level))
         alloc = {
             AI_SLA: m.online.allocate_one(f, scale, st.q_ai, cfg.floor, cfg.ceiling),
             AI_RAW: self._bound(f),
@@ -258,7 +260,8 @@ class Engine:
                 if math.isnan(st.q_candidate) or st.candidate_version != self.candidate.version:
                     st.q_candidate = self.candidate.online.q0  # a new candidate starts from its own headroom
                     st.candidate_version = self.candidate.version
-                alloc[CANDIDATE] = self.candidate.online.allocate_one(cf, scale, st.q_candidate, cfg.floor,
+                cand_scale = float(self.candidate.online.scale(d.window_mean, level))
+                alloc[CANDIDATE] = self.candidate.online.allocate_one(cf, cand_scale, st.q_candidate, cfg.floor,
                                                                       cfg.ceiling)
                 alloc[CURRENT] = alloc[AI_SLA]
         return Pending(ts=d.ts, forecast=f, candidate_forecast=cf, scale=scale, scorable=scorable, decided_at=now,

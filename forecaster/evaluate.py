@@ -31,7 +31,7 @@ from forecaster.core.allocators import (
     persistence,
 )
 from forecaster.core.metrics import mae, rmse, summarize
-from forecaster.core.online import OnlineHeadroom, headroom_scale
+from forecaster.core.online import OnlineHeadroom
 from forecaster.data import Site
 from forecaster.models import PRODUCTION_KIND, count_parameters
 from forecaster.prepare import Prepared
@@ -53,8 +53,8 @@ PAPER_REPORTED = {"mae": 25.0, "rmse": 40.0, "efficiency_median": 0.987}
 # Allocator-name prefix per model kind: the paper's Table I model and the production model; any
 # other kind is named after itself.
 PREFIX = {"paper": "paper", PRODUCTION_KIND: "ai"}
-SCALE_NOTE = ("allocation = base + q × (½ window mean internet + ½ the site's training mean, floored at 1); "
-              "q tracked online per site")
+SCALE_NOTE = ("allocation = base + q × ((1 − w) × window mean internet + w × the site's training mean, floored "
+              "at 1); q tracked online per site")
 
 
 def state_dict_bytes(model: torch.nn.Module) -> int:
@@ -72,7 +72,7 @@ def _online(tracker: OnlineHeadroom, prep: Prepared, base: np.ndarray) -> np.nda
     """Run ``tracker`` over the site's validation and test parts (``base`` over both); the test part's
     allocations."""
     span = _tracked(prep)
-    alloc, _ = tracker.run(base, headroom_scale(prep.x[span, :, 0].mean(axis=1), prep.stats.mean), prep.y[span])
+    alloc, _ = tracker.run(base, tracker.scale(prep.x[span, :, 0].mean(axis=1), prep.stats.mean), prep.y[span])
     return alloc[prep.split.val.stop - prep.split.val.start:]
 
 
@@ -306,21 +306,21 @@ def render_markdown(report: dict) -> str:
             lines.append(f"- `{name}`: allocation = base × (1 + {h['relative']:.3f}) + {h['additive']:.2f}")
         elif "online" in pol:
             o = pol["online"]
-            lines.append(f"- `{name}`: online, q0 = {o['q0']:.4f}, η = {o['eta']:g}, target {o['target']:g}; "
-                         f"{pol['scale']}")
+            lines.append(f"- `{name}`: online, q0 = {o['q0']:.4f}, η = {o['eta']:g}, "
+                         f"w = {o.get('site_weight', 0.5):g}, target {o['target']:g}; {pol['scale']}")
     sweeps = [(kind, m["online_tuning"]) for kind, m in report["models"].items() if m.get("online_tuning")]
     if sweeps:
-        lines += ["", "The step size η was chosen on validation only: each training site's validation part is "
-                  "halved, q starts from the first halves, the tracker runs on the second halves, and the η with "
-                  "the lowest over-provisioning among those holding the target wins (q0 is then taken from the "
-                  "whole validation parts).", "",
-                  "| model | base | η | under-provisioned (validation, second halves) | over-provisioning mean |",
-                  "|---|---|---|---|---|"]
+        lines += ["", "The step size η and the site level's weight w were chosen on validation only: each training "
+                  "site's validation part is halved, q starts from the first halves, the tracker runs on the second "
+                  "halves, and the pair with the lowest over-provisioning among those holding the target wins (q0 is "
+                  "then taken from the whole validation parts).", "",
+                  "| model | base | η | w | under-provisioned (validation, second halves) | over-provisioning mean |",
+                  "|---|---|---|---|---|---|"]
         for kind, sw in sweeps:
             for which, rows in sw.items():
                 for r in rows:
-                    lines.append(f"| {kind} | {which} | {r['eta']:g} | {r['underprovisioning_rate']:.2%} | "
-                                 f"{r['overprovisioning_mean']:.1f} |")
+                    lines.append(f"| {kind} | {which} | {r['eta']:g} | {r.get('site_weight', 0.5):g} | "
+                                 f"{r['underprovisioning_rate']:.2%} | {r['overprovisioning_mean']:.1f} |")
     lines += ["", "## Figures", ""]
     for fig, title in [("mae_rmse.png", "MAE and RMSE"), ("overprovisioning.png", "Mean over-provisioning"),
                        ("radar.png", "Normalized metrics"), ("efficiency_box.png", "Efficiency per interval"),

@@ -28,6 +28,7 @@ CHECKPOINT_FORMAT = "dtwin-checkpoint/1"
 DOWNSTREAM = KPI_NAMES.index("downstream")
 # Step sizes the online headroom's tuning on validation chooses from.
 ETA_GRID: tuple[float, ...] = (0.005, 0.01, 0.02, 0.05)
+SITE_WEIGHT_GRID: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 @dataclass(frozen=True)
@@ -207,7 +208,8 @@ class ValidationSeries:
     """One site's validation part in time order: the tracker's base, scale and the actual demand."""
 
     base: np.ndarray
-    scale: np.ndarray
+    window_mean: np.ndarray
+    site_level: float  # the site's training mean
     actual: np.ndarray
 
 
@@ -215,40 +217,45 @@ def validation_series(prep: Prepared, forecast: np.ndarray | None) -> Validation
     """``forecast`` over the site's validation windows, or None for persistence (the last value)."""
     val = prep.split.val
     base = prep.last[val].astype(np.float64) if forecast is None else np.asarray(forecast, np.float64)
-    return ValidationSeries(base=base, scale=headroom_scale(prep.x[val, :, 0].mean(axis=1), prep.stats.mean),
-                            actual=prep.y[val].astype(np.float64))
+    return ValidationSeries(base=base, window_mean=prep.x[val, :, 0].mean(axis=1).astype(np.float64),
+                            site_level=float(prep.stats.mean), actual=prep.y[val].astype(np.float64))
 
 
-def tune_online(series: list[ValidationSeries], target: float,
-                eta_grid: Sequence[float] = ETA_GRID) -> tuple[OnlineHeadroom, list[dict]]:
+def tune_online(series: list[ValidationSeries], target: float, eta_grid: Sequence[float] = ETA_GRID,
+                weight_grid: Sequence[float] = SITE_WEIGHT_GRID) -> tuple[OnlineHeadroom, list[dict]]:
     """The online headroom's settings, from validation only.
 
-    The step size: each site's validation part is halved; ``q`` starts from the pooled first halves
-    and the tracker runs on each second half; the step with the lowest mean over-provisioning there
-    among those that hold ``target`` (pooled), else the one with the fewest misses. ``q0``: from all
-    of the pooled validation parts.
+    The step size and the site level's weight in the scale: each site's validation part is halved;
+    ``q`` starts from the pooled first halves and the tracker runs on each second half; the pair with
+    the lowest mean over-provisioning there among those that hold ``target`` (pooled), else the one
+    with the fewest misses. ``q0``: from all of the pooled validation parts, with the chosen weight.
     """
     first = [slice(0, len(s.actual) // 2) for s in series]
     second = [slice(len(s.actual) // 2, None) for s in series]
-    q_half = initial_headroom(np.concatenate([s.base[h] for s, h in zip(series, first, strict=True)]),
-                              np.concatenate([s.actual[h] for s, h in zip(series, first, strict=True)]),
-                              np.concatenate([s.scale[h] for s, h in zip(series, first, strict=True)]), target)
     sweep = []
-    for eta in eta_grid:
-        tracker = OnlineHeadroom(q0=q_half, eta=float(eta), target=target)
-        misses = over = n = 0.0
-        for s, h in zip(series, second, strict=True):
-            alloc, _ = tracker.run(s.base[h], s.scale[h], s.actual[h])
-            misses += float(np.sum(s.actual[h] > alloc))
-            over += float(np.sum(np.maximum(alloc - s.actual[h], 0.0)))
-            n += len(alloc)
-        sweep.append({"eta": float(eta), "underprovisioning_rate": misses / n, "overprovisioning_mean": over / n})
+    for weight in weight_grid:
+        scales = [headroom_scale(s.window_mean, s.site_level, weight) for s in series]
+        q_half = initial_headroom(np.concatenate([s.base[h] for s, h in zip(series, first, strict=True)]),
+                                  np.concatenate([s.actual[h] for s, h in zip(series, first, strict=True)]),
+                                  np.concatenate([sc[h] for sc, h in zip(scales, first, strict=True)]), target)
+        for eta in eta_grid:
+            tracker = OnlineHeadroom(q0=q_half, eta=float(eta), target=target, site_weight=float(weight))
+            misses = over = n = 0.0
+            for s, sc, h in zip(series, scales, second, strict=True):
+                alloc, _ = tracker.run(s.base[h], sc[h], s.actual[h])
+                misses += float(np.sum(s.actual[h] > alloc))
+                over += float(np.sum(np.maximum(alloc - s.actual[h], 0.0)))
+                n += len(alloc)
+            sweep.append({"eta": float(eta), "site_weight": float(weight), "underprovisioning_rate": misses / n,
+                          "overprovisioning_mean": over / n})
     holding = [r for r in sweep if r["underprovisioning_rate"] <= target]
     chosen = (min(holding, key=lambda r: r["overprovisioning_mean"]) if holding
               else min(sweep, key=lambda r: (r["underprovisioning_rate"], r["overprovisioning_mean"])))
+    weight = chosen["site_weight"]
     q0 = initial_headroom(np.concatenate([s.base for s in series]), np.concatenate([s.actual for s in series]),
-                          np.concatenate([s.scale for s in series]), target)
-    return OnlineHeadroom(q0=q0, eta=chosen["eta"], target=target), sweep
+                          np.concatenate([headroom_scale(s.window_mean, s.site_level, weight) for s in series]),
+                          target)
+    return OnlineHeadroom(q0=q0, eta=chosen["eta"], target=target, site_weight=weight), sweep
 
 
 def online_headrooms(preps: list[Prepared], val_forecasts: list[np.ndarray]) -> tuple[dict, dict]:
@@ -308,7 +315,8 @@ def make_checkpoint(trained: Trained, preps: Prepared | Sequence[Prepared]) -> d
         "calibration": calibrations(val_forecast, val_actual),
         "persistence_calibration": calibrations(val_last, val_actual),
         "online_headroom": online,
-        "online_tuning": {"eta_grid": list(ETA_GRID), "default_eta": DEFAULT_ETA, "sweeps": sweeps},
+        "online_tuning": {"eta_grid": list(ETA_GRID), "site_weight_grid": list(SITE_WEIGHT_GRID),
+                          "default_eta": DEFAULT_ETA, "sweeps": sweeps},
         "val_forecast": val_forecast.tolist(),
         "val_actual": val_actual.tolist(),
         "test_metrics": {"mae": mae(test_y, test_forecast), "rmse": rmse(test_y, test_forecast),

@@ -11,7 +11,7 @@ import torch
 
 from forecaster import KPI_NAMES, TARGET, WINDOW
 from forecaster.core.allocators import CALIBRATION_TARGETS, Headroom, allowed_misses
-from forecaster.core.online import OnlineHeadroom, headroom_scale, initial_headroom
+from forecaster.core.online import OnlineHeadroom, initial_headroom
 from forecaster.models import PRODUCTION_KIND, DeltaMLP, PaperBiLSTM, WindowBiLSTM, build_model, count_parameters
 from forecaster.synthetic import generate_site
 from forecaster.train import (
@@ -205,21 +205,25 @@ def test_pooled_training_and_checkpoint(two_sites):
     pooled_train = np.concatenate([a.y[a.split.train], b.y[b.split.train]])
     assert ckpt["training_stats"]["n"] == len(pooled_train)
     assert ckpt["training_stats"]["mean"] == pytest.approx(float(pooled_train.mean()))
-    # q0 of the online headroom: from the pooled validation parts, scale = half the window's internet
-    # level and half the site's training mean.
+    # q0 of the online headroom: from the pooled validation parts, scale = the window's internet level
+    # mixed with the site's training mean at the tracker's chosen weight.
     val_x = np.concatenate([a.x[a.split.val], b.x[b.split.val]])
-    val_scale = np.concatenate([headroom_scale(p.x[p.split.val, :, 0].mean(axis=1), p.stats.mean) for p in (a, b)])
+
+    def val_scale(tracker: OnlineHeadroom) -> np.ndarray:
+        return np.concatenate([tracker.scale(p.x[p.split.val, :, 0].mean(axis=1), p.stats.mean) for p in (a, b)])
+
     val_f = predict(t.model, val_x)
     for key, entry in ckpt["online_headroom"].items():
         target = float(key)
         model_h = OnlineHeadroom.from_dict(entry["model"])
         assert model_h.target == target and model_h.eta in ckpt["online_tuning"]["eta_grid"]
-        assert model_h.q0 == pytest.approx(initial_headroom(val_f, ckpt["val_actual"], val_scale, target))
+        assert model_h.q0 == pytest.approx(initial_headroom(val_f, ckpt["val_actual"], val_scale(model_h), target))
         last_h = OnlineHeadroom.from_dict(entry["persistence"])
-        assert last_h.q0 == pytest.approx(initial_headroom(val_x[:, -1, 0], ckpt["val_actual"], val_scale,
-                                                           target))
-        assert {r["eta"] for r in ckpt["online_tuning"]["sweeps"][key]["model"]} == set(
-            ckpt["online_tuning"]["eta_grid"])
+        assert last_h.q0 == pytest.approx(initial_headroom(val_x[:, -1, 0], ckpt["val_actual"],
+                                                           val_scale(last_h), target))
+        assert {(r["eta"], r["site_weight"]) for r in ckpt["online_tuning"]["sweeps"][key]["model"]} == {
+            (e, w) for e in ckpt["online_tuning"]["eta_grid"] for w in ckpt["online_tuning"]["site_weight_grid"]}
+        assert model_h.site_weight in ckpt["online_tuning"]["site_weight_grid"]
 
 
 def test_one_site_as_a_list_trains_the_same(prep, trained):

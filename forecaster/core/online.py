@@ -3,11 +3,11 @@ the conformal PID controller's quantile step).
 
 Per site, the allocation for the next interval is ``base + q * scale``: ``base`` is the point
 forecast (or the last value, for persistence), ``scale`` the site's level (:func:`headroom_scale`):
-half the window's mean internet demand and half the site's own long-run mean, the mean of the same
-history its B1 and B2 come from. So ``q`` is a scale-free headroom and one step size fits sites of any
-level. The long-run half keeps the headroom from swelling at every daily peak: the demand's noise
-and surges are not proportional to the hour's level (on the synthetic fleet the window mean alone
-over-provisioned by 28 units against 18, at the same miss rate; on the paper site 18.8 against 16.6).
+a mix of the window's mean internet demand and the site's own long-run mean, the mean of the same
+history its B1 and B2 come from, with the weight ``site_weight`` on the latter. So ``q`` is a
+scale-free headroom and one step size fits sites of any level. The long-run part keeps the headroom
+from swelling at every daily peak where the demand's noise and surges are not proportional to the
+hour's level. The step size and the weight are chosen on validation (``forecaster.train.tune_online``).
 When the interval's actual arrives::
 
     miss = actual > allocation
@@ -34,17 +34,18 @@ SCALE_FLOOR = 1.0  # demand units: keeps the scale positive through outages (the
 Q_MIN, Q_MAX = -1.0, 5.0
 
 
-SITE_LEVEL_WEIGHT = 0.5
+SITE_LEVEL_WEIGHT = 0.5  # the default weight of the site's long-run level in the scale
 
 
-def headroom_scale(window_mean: np.ndarray | float, site_level: np.ndarray | float | None = None) -> np.ndarray:
+def headroom_scale(window_mean: np.ndarray | float, site_level: np.ndarray | float | None = None,
+                   site_weight: float = SITE_LEVEL_WEIGHT) -> np.ndarray:
     """The headroom's scale from each window's mean internet demand and the site's long-run mean
     level (offline: its training part; live: its baseline warm-up so far), floored. Without a site
     level (None or NaN: nothing seen yet), the window mean alone."""
     scale = np.asarray(window_mean, dtype=np.float64)
     if site_level is not None:
         level = np.asarray(site_level, dtype=np.float64)
-        scale = np.where(np.isfinite(level), (1.0 - SITE_LEVEL_WEIGHT) * scale + SITE_LEVEL_WEIGHT * level, scale)
+        scale = np.where(np.isfinite(level), (1.0 - site_weight) * scale + site_weight * level, scale)
     return np.maximum(scale, SCALE_FLOOR)
 
 
@@ -63,6 +64,11 @@ class OnlineHeadroom:
     q0: float
     eta: float = DEFAULT_ETA
     target: float = 0.01
+    site_weight: float = SITE_LEVEL_WEIGHT
+
+    def scale(self, window_mean: np.ndarray | float, site_level: np.ndarray | float | None) -> np.ndarray:
+        """This tracker's scale (:func:`headroom_scale` with its ``site_weight``)."""
+        return headroom_scale(window_mean, site_level, self.site_weight)
 
     def allocate_one(self, base: float, scale: float, q: float, floor: float = 0.0,
                      ceiling: float | None = None) -> float:
@@ -89,8 +95,9 @@ class OnlineHeadroom:
         return out, cur
 
     def to_dict(self) -> dict[str, float]:
-        return {"q0": self.q0, "eta": self.eta, "target": self.target}
+        return {"q0": self.q0, "eta": self.eta, "target": self.target, "site_weight": self.site_weight}
 
     @classmethod
     def from_dict(cls, d: dict) -> OnlineHeadroom:
-        return cls(q0=float(d["q0"]), eta=float(d.get("eta", DEFAULT_ETA)), target=float(d["target"]))
+        return cls(q0=float(d["q0"]), eta=float(d.get("eta", DEFAULT_ETA)), target=float(d["target"]),
+                   site_weight=float(d.get("site_weight", SITE_LEVEL_WEIGHT)))
