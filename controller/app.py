@@ -46,30 +46,6 @@ EXIT_DELIVERY_FAILED = 70
 EXIT_FAULT_INJECTED = 99
 
 
-def _bounded_fetch_wait(create, fetch_max_wait_ms: int):
-    """Faust hard-codes fetch_max_wait_ms=1500 for its worker consumer. Tansu (the embedded broker)
-    holds a fetch that long even while records arrive (tools/repro_tansu_fetch_wait.py), which adds
-    up to a second of latency; a short wait costs Apache Kafka only a few more idle fetches."""
-
-    def create_worker_consumer(self, transport):
-        consumer = create(self, transport)
-        consumer._fetch_max_wait_ms = fetch_max_wait_ms
-        return consumer
-
-    create_worker_consumer.dtwin_patched = True  # type: ignore[attr-defined]
-    return create_worker_consumer
-
-
-def patch_fetch_wait(fetch_max_wait_ms: int) -> None:
-    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
-
-    current = AIOKafkaConsumerThread._create_worker_consumer
-    original = getattr(current, "__wrapped__", current)
-    patched = _bounded_fetch_wait(original, fetch_max_wait_ms)
-    patched.__wrapped__ = original  # type: ignore[attr-defined]
-    AIOKafkaConsumerThread._create_worker_consumer = patched
-
-
 def faust_credentials(settings: ControllerSettings):
     """SASL/TLS settings for Faust's consumers and producers, from the same DTWIN_KAFKA_* variables
     that the replay producer and topic admin use."""
@@ -425,8 +401,7 @@ class Controller:
         """Start the worker (Faust's own CLI, which reads ``argv``)."""
         import sys
 
-        patch_fetch_wait(self.settings.fetch_max_wait_ms)
-        faust_patches.apply()
+        faust_patches.apply(self.settings.fetch_max_wait_ms)
         if self.settings.pipeline == "control":
             self.load_models()
         sys.argv = argv

@@ -1,4 +1,8 @@
-"""Corrections to Faust 0.15.3 (pinned) that the controller applies when a worker starts.
+"""Corrections to Faust 0.15.3 (pinned) that the controller applies when a worker starts
+(:func:`apply`).
+
+**The worker consumer's fetch wait** (``_bounded_fetch_wait``): Faust hard-codes 1.5 s; the
+controller sets it from ``DTWIN_FETCH_MAX_WAIT_MS``.
 
 **Skipped samples after an assignment** (found on Apache Kafka; see BENCHMARKS.md, Recovery). When a
 worker's table recovery ends, Faust (``Recovery.on_recovery_completed``, and ``_resume_streams`` for
@@ -13,16 +17,16 @@ worker``; each lost sample cost the site about ten intervals of fallback command
 
 The corrections:
 
-1. ``seek_before_resume``: the seek to the committed offsets happens while the source partitions
-   are still paused, then they are resumed, flow control is resumed and the fetcher runs, in that
-   order, with no await in between, so no record of theirs is fetched from the old position.
-2. ``forget_acks_on_seek``: after the seek, acks recorded for the seeked partitions are dropped:
+1. ``on_recovery_completed`` and ``_resume_streams`` (``_seek_then_resume``): the seek to the
+   committed offsets happens while the source partitions are still paused, then they are resumed,
+   flow control is resumed and the fetcher runs, in that order, with no await in between, so no
+   record of theirs is fetched from the old position.
+2. ``_forget_acks_on_seek``: after the seek, acks recorded for the seeked partitions are dropped:
    they belong to records that the seek rewinds over (a stream skips and acks records of an older
    generation), and they will be delivered and acked again.
-3. ``commit_no_head_gap``: nothing is committed while the committed offset itself is not acked
+3. ``_new_offset``: nothing is committed while the committed offset itself is not acked
    (Faust tested ``min(acked) - committed > 1``, and treated a committed offset of 0 as none).
-
-4. ``fetch_snapshot``: the fetch asks aiokafka for the partitions that are active when it is made,
+4. ``_fetch_snapshot``: the fetch asks aiokafka for the partitions that are active when it is made,
    as a copy. Faust passed its live set of active partitions to the consumer thread; pausing the
    last active ones while a fetch waited left the set empty, and aiokafka reads an empty set as
    "all partitions": it returned, and advanced past, records of paused source partitions, which
@@ -161,9 +165,30 @@ def _fetch_snapshot(getmany):
     return getmany_of_a_snapshot
 
 
-def apply() -> None:
-    """Install the corrections (idempotent)."""
+def _bounded_fetch_wait(create, fetch_max_wait_ms: int):
+    """Faust hard-codes fetch_max_wait_ms=1500 for its worker consumer. Tansu (the embedded broker)
+    holds a fetch that long even while records arrive (tools/repro_tansu_fetch_wait.py), which adds
+    up to a second of latency; a short wait costs Apache Kafka only a few more idle fetches."""
+
+    def create_worker_consumer(self, transport):
+        consumer = create(self, transport)
+        consumer._fetch_max_wait_ms = fetch_max_wait_ms
+        return consumer
+
+    create_worker_consumer.dtwin_patched = True  # type: ignore[attr-defined]
+    return create_worker_consumer
+
+
+def apply(fetch_max_wait_ms: int) -> None:
+    """Install the corrections (idempotent; the fetch wait takes the latest value)."""
     _check_version()
+    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+
+    current = AIOKafkaConsumerThread._create_worker_consumer
+    original = getattr(current, "__wrapped__", current)
+    patched = _bounded_fetch_wait(original, fetch_max_wait_ms)
+    patched.__wrapped__ = original  # type: ignore[attr-defined]
+    AIOKafkaConsumerThread._create_worker_consumer = patched
     from faust.tables.recovery import Recovery
     from faust.transport.consumer import Consumer, ThreadDelegateConsumer
 

@@ -233,28 +233,27 @@ def tune_online(series: list[ValidationSeries], target: float, eta_grid: Sequenc
     first = [slice(0, len(s.actual) // 2) for s in series]
     second = [slice(len(s.actual) // 2, None) for s in series]
     sweep = []
-    for weight in weight_grid:
-        scales = [headroom_scale(s.window_mean, s.site_level, weight) for s in series]
+    scales_by_weight = {float(w): [headroom_scale(s.window_mean, s.site_level, w) for s in series] for w in weight_grid}
+    for weight, scales in scales_by_weight.items():
         q_half = initial_headroom(np.concatenate([s.base[h] for s, h in zip(series, first, strict=True)]),
                                   np.concatenate([s.actual[h] for s, h in zip(series, first, strict=True)]),
                                   np.concatenate([sc[h] for sc, h in zip(scales, first, strict=True)]), target)
         for eta in eta_grid:
-            tracker = OnlineHeadroom(q0=q_half, eta=float(eta), target=target, site_weight=float(weight))
+            tracker = OnlineHeadroom(q0=q_half, eta=float(eta), target=target, site_weight=weight)
             misses = over = n = 0.0
             for s, sc, h in zip(series, scales, second, strict=True):
                 alloc, _ = tracker.run(s.base[h], sc[h], s.actual[h])
                 misses += float(np.sum(s.actual[h] > alloc))
                 over += float(np.sum(np.maximum(alloc - s.actual[h], 0.0)))
                 n += len(alloc)
-            sweep.append({"eta": float(eta), "site_weight": float(weight), "underprovisioning_rate": misses / n,
+            sweep.append({"eta": float(eta), "site_weight": weight, "underprovisioning_rate": misses / n,
                           "overprovisioning_mean": over / n})
     holding = [r for r in sweep if r["underprovisioning_rate"] <= target]
     chosen = (min(holding, key=lambda r: r["overprovisioning_mean"]) if holding
               else min(sweep, key=lambda r: (r["underprovisioning_rate"], r["overprovisioning_mean"])))
     weight = chosen["site_weight"]
     q0 = initial_headroom(np.concatenate([s.base for s in series]), np.concatenate([s.actual for s in series]),
-                          np.concatenate([headroom_scale(s.window_mean, s.site_level, weight) for s in series]),
-                          target)
+                          np.concatenate(scales_by_weight[weight]), target)
     return OnlineHeadroom(q0=q0, eta=chosen["eta"], target=target, site_weight=weight), sweep
 
 

@@ -17,6 +17,11 @@ from forecaster.data import Site
 DEFAULT_BASE_TS = 1_704_067_200  # 2024-01-01T00:00:00Z: day-aligned, so time of day is preserved
 
 
+def site_partition(key: bytes, partitions: int) -> int:
+    """The keyed partition every Kafka client agrees on (murmur2 of the key)."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
 def parse_speed(text: str) -> float | None:
     """``real`` (one step per site every step_seconds), ``max`` (no pacing) or a factor like ``60``."""
     t = text.strip().lower()
@@ -68,7 +73,7 @@ def replay(producer, topic: str, sites: list[Site], speed: float | None = None, 
     # Each site's partition once, by the clients' shared keyed rule (murmur2 of the key), rather
     # than hashing every record in Python: that was a large part of the producer's CPU.
     n_partitions = len(producer.partitions_for(topic))
-    partitions = [(murmur2(k) & 0x7FFFFFFF) % n_partitions for k in keys]
+    partitions = [site_partition(k, n_partitions) for k in keys]
     # Paced sends are spread evenly over each interval's period rather than sent as one burst.
     gap = None if period is None else period / len(sites)
     t0 = time.perf_counter()

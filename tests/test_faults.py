@@ -47,7 +47,6 @@ pytestmark = pytest.mark.kafka
 FAULT_BATCH = 6  # the faulty worker's batch to die in: a few batches' states are stored before it
 
 
-
 @pytest.fixture
 def fleets(tmp_path: Path):
     """Fleet factory; every worker is stopped at the end and the logs' places printed."""

@@ -54,12 +54,15 @@ def test_a_fetch_asks_for_a_snapshot_of_the_active_partitions():
 def test_apply_installs_the_corrections_once():
     from faust.tables.recovery import Recovery
     from faust.transport.consumer import Consumer, ThreadDelegateConsumer
+    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 
-    faust_patches.apply()
+    faust_patches.apply(20)
     getmany, seek = ThreadDelegateConsumer._getmany, Consumer.perform_seek
-    faust_patches.apply()
+    faust_patches.apply(35)
     assert Recovery.on_recovery_completed is faust_patches.on_recovery_completed
     assert Recovery._resume_streams is faust_patches._resume_streams
     assert Consumer._new_offset is faust_patches._new_offset
     assert ThreadDelegateConsumer._getmany is getmany and Consumer.perform_seek is seek
     assert getmany.__wrapped__.__qualname__ == "ThreadDelegateConsumer._getmany"
+    create = AIOKafkaConsumerThread._create_worker_consumer
+    assert create.dtwin_patched and not getattr(create.__wrapped__, "dtwin_patched", False)  # wrapped once

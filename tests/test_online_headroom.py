@@ -91,6 +91,11 @@ def test_the_scale_mixes_the_window_and_the_site_level():
     assert float(headroom_scale(300.0)) == pytest.approx(300.0)
     assert float(headroom_scale(0.0, 0.0)) == SCALE_FLOOR
     np.testing.assert_allclose(headroom_scale(np.array([100.0, 500.0]), 300.0), [200.0, 400.0])
+    # the live engine's scalar path gives the same values
+    for weight in (0.0, 0.25, 1.0):
+        tracker = OnlineHeadroom(q0=0.0, site_weight=weight)
+        for window_mean, level in ((300.0, 100.0), (300.0, float("nan")), (0.2, 0.0), (0.0, 640.0)):
+            assert tracker.scale_one(window_mean, level) == pytest.approx(float(tracker.scale(window_mean, level)))
 
 
 def test_the_site_level_in_the_scale_cuts_over_provisioning_where_noise_is_not_proportional():

@@ -24,11 +24,11 @@ from contracts.messages import Sample, parse_sample
 from contracts.topics import Topics
 from dtwin.args import add_data_args
 from dtwin.runner import ControllerProcess, default_model_dir, ensure_model, start_controller, value, wait_until
+from replay.producer import DEFAULT_BASE_TS, site_partition
 
 # Apache Kafka needs no changelog markers (they work around Tansu's end offsets).
 KAFKA_WORKER_ENV = {"DTWIN_CHANGELOG_MARKERS": "0"}
 OFFLINE_TOLERANCE = 1e-9
-DEFAULT_BASE_TS = 1_704_067_200  # replay.producer.DEFAULT_BASE_TS
 
 
 # --- records and sending -------------------------------------------------------------------------------------
@@ -37,13 +37,6 @@ class Record:
     key: bytes | None
     value: bytes | None
     partition: int | None = None  # None: the producer's partitioner
-
-
-def site_partition(key: bytes, partitions: int) -> int:
-    """The keyed partition every Kafka client agrees on (murmur2 of the key)."""
-    from kafka.partitioner.default import murmur2
-
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
 def sample_records(sites: Sequence, partitions: int, start: int = 0, stop: int | None = None,

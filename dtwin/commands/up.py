@@ -105,16 +105,17 @@ def write_figure(path: Path, summary: dict, site, commands: list[dict], warmup: 
 
 def read_commands(bootstrap: str, topic: str, site: str, timeout: float = 300.0) -> list[dict]:
     """Every command of one site, read from its partition of the commands topic (no consumer group).
-    Commands are keyed by site, so they are all in the murmur2 partition of its key; reading every
+    Commands are keyed by site, so they are all in the keyed partition of its name; reading every
     partition of a 30-site run took longer than the time allowed and lost the last days."""
     from kafka import KafkaConsumer, TopicPartition
-    from kafka.partitioner.default import murmur2
+
+    from replay.producer import site_partition
 
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, consumer_timeout_ms=2000)
     out: list[dict] = []
     try:
         n = len(consumer.partitions_for_topic(topic) or [])
-        parts = [TopicPartition(topic, (murmur2(site.encode()) & 0x7FFFFFFF) % n)] if n else []
+        parts = [TopicPartition(topic, site_partition(site.encode(), n))] if n else []
         consumer.assign(parts)
         consumer.seek_to_beginning(*parts)
         ends = consumer.end_offsets(parts)

@@ -25,6 +25,7 @@ same three lines offline, so the rule lives here and both sides call it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,6 +70,12 @@ class OnlineHeadroom:
     def scale(self, window_mean: np.ndarray | float, site_level: np.ndarray | float | None) -> np.ndarray:
         """This tracker's scale (:func:`headroom_scale` with its ``site_weight``)."""
         return headroom_scale(window_mean, site_level, self.site_weight)
+
+    def scale_one(self, window_mean: float, site_level: float) -> float:
+        """One interval's scale (the live engine's per-sample path; the same as :meth:`scale`)."""
+        s = window_mean if math.isnan(site_level) else (1.0 - self.site_weight) * window_mean \
+            + self.site_weight * site_level
+        return max(s, SCALE_FLOOR)
 
     def allocate_one(self, base: float, scale: float, q: float, floor: float = 0.0,
                      ceiling: float | None = None) -> float:
