@@ -113,6 +113,7 @@ ALERT_NAMES = {
     "DtwinConsumerLagGrowing",
     "DtwinDeadLetterRateHigh",
     "DtwinHighLatency",
+    "DtwinSamplesSkipped",
     "DtwinModelSwapRefused",
     "DtwinModelServingLastGood",
 }
