@@ -103,7 +103,6 @@ class _Decision:
     sample: int
     ts: int
     last: float
-    window_mean: float  # the window's mean internet demand
     window_index: int  # row in the batch's model input, -1 for a fallback
 
 
@@ -177,10 +176,8 @@ class Engine:
             if len(st.rows) > cfg.window:
                 del st.rows[0]
             st.last_ts = s.ts
-            internet = [r[0] for r in st.rows]
             full = len(st.rows) == cfg.window
-            d = _Decision(s.site, i, s.ts + step, s.values[0], sum(internet) / len(internet),
-                          len(windows) if full else -1)
+            d = _Decision(s.site, i, s.ts + step, s.values[0], len(windows) if full else -1)
             if full:
                 windows.append(np.asarray(st.rows, dtype=np.float32))
             ops.append(("decide", s.site, d))
@@ -233,7 +230,7 @@ class Engine:
         if math.isnan(st.q_persistence):
             st.q_persistence = pers.q0
         level = site_level(st)
-        scale = pers.scale_one(d.window_mean, level)
+        scale = pers.scale_one(d.last, level)
         persistence_alloc = pers.allocate_one(d.last, scale, st.q_persistence, cfg.floor, cfg.ceiling)
         scorable = st.levels is not None
         f = float(forecast[d.window_index]) if d.window_index >= 0 else math.nan
@@ -244,7 +241,7 @@ class Engine:
         m = self.model
         if math.isnan(st.q_ai):
             st.q_ai = m.online.q0
-        scale = m.online.scale_one(d.window_mean, level)
+        scale = m.online.scale_one(f, level)
         alloc = {
             AI_SLA: m.online.allocate_one(f, scale, st.q_ai, cfg.floor, cfg.ceiling),
             AI_RAW: self._bound(f),
@@ -261,7 +258,7 @@ class Engine:
                 if math.isnan(st.q_candidate) or st.candidate_version != self.candidate.version:
                     st.q_candidate = self.candidate.online.q0  # a new candidate starts from its own headroom
                     st.candidate_version = self.candidate.version
-                cand_scale = self.candidate.online.scale_one(d.window_mean, level)
+                cand_scale = self.candidate.online.scale_one(cf, level)
                 alloc[CANDIDATE] = self.candidate.online.allocate_one(cf, cand_scale, st.q_candidate, cfg.floor,
                                                                       cfg.ceiling)
                 alloc[CURRENT] = alloc[AI_SLA]

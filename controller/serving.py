@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from controller.engine import ServedModel
 from forecaster.core.allocators import Headroom
-from forecaster.core.online import DEFAULT_ETA, OnlineHeadroom
+from forecaster.core.online import DEFAULT_ETA, SCALE_KIND, OnlineHeadroom
 
 # For artifacts exported before the online headroom existed.
-DEFAULT_ONLINE = {"q0": 0.1, "eta": DEFAULT_ETA}
+DEFAULT_ONLINE = {"q0": 0.1, "eta": DEFAULT_ETA, "scale": SCALE_KIND}
 
 
 def served_model(artifact, sla_target: float, timer=None) -> ServedModel:

@@ -44,7 +44,7 @@ from forecaster.train import (
     save_checkpoint,
     train,
     tune_online,
-    validation_series,
+    tuning_series,
     with_epochs,
 )
 
@@ -53,8 +53,8 @@ PAPER_REPORTED = {"mae": 25.0, "rmse": 40.0, "efficiency_median": 0.987}
 # Allocator-name prefix per model kind: the paper's Table I model and the production model; any
 # other kind is named after itself.
 PREFIX = {"paper": "paper", PRODUCTION_KIND: "ai"}
-SCALE_NOTE = ("allocation = base + q × ((1 − w) × window mean internet + w × the site's training mean, floored "
-              "at 1); q tracked online per site")
+SCALE_NOTE = ("allocation = base + q × ((1 − w) × base + w × the site's training mean, floored at 1); "
+              "q tracked online per site")
 
 
 def state_dict_bytes(model: torch.nn.Module) -> int:
@@ -72,7 +72,7 @@ def _online(tracker: OnlineHeadroom, prep: Prepared, base: np.ndarray) -> np.nda
     """Run ``tracker`` over the site's validation and test parts (``base`` over both); the test part's
     allocations."""
     span = _tracked(prep)
-    alloc, _ = tracker.run(base, tracker.scale(prep.x[span, :, 0].mean(axis=1), prep.stats.mean), prep.y[span])
+    alloc, _ = tracker.run(base, tracker.scale(base, prep.stats.mean), prep.y[span])
     return alloc[prep.split.val.stop - prep.split.val.start:]
 
 
@@ -83,11 +83,12 @@ def _online_policy(name: str, source: str, tracker: OnlineHeadroom) -> dict:
 
 def _settings(ckpt: dict, key: str, which: str, preps: list[Prepared], forecasts: list[np.ndarray] | None,
               target: float) -> OnlineHeadroom:
-    """The checkpoint's online headroom at ``key``; else tuned on ``preps``' validation parts."""
+    """The checkpoint's online headroom at ``key``; else tuned on ``preps``' training parts (``forecasts``
+    over them)."""
     stored = (ckpt.get("online_headroom") or {}).get(key, {}).get(which)
     if stored:
         return OnlineHeadroom.from_dict(stored)
-    series = [validation_series(p, None if forecasts is None else f)
+    series = [tuning_series(p, None if forecasts is None else f)
               for p, f in zip(preps, forecasts or [None] * len(preps), strict=True)]
     return tune_online(series, target)[0]
 
@@ -144,8 +145,8 @@ def evaluate(sites: Site | Sequence[Site], out: Path, kinds: list[str], checkpoi
             save_checkpoint(ckpt, out / f"{kind}.pt")
             train_seconds, best_epoch = trained.seconds, trained.best_epoch
         train_ids = [str(s) for s in ckpt.get("train_site_ids", [ckpt["data"]["site"]])]
-        val_forecasts = [predict(model, p.x[p.split.val]) for p in train_preps]
-        tracker = _settings(ckpt, key, "model", train_preps, val_forecasts, sla_target)
+        train_forecasts = [predict(model, p.x[p.split.train]) for p in train_preps]
+        tracker = _settings(ckpt, key, "model", train_preps, train_forecasts, sla_target)
         if persistence_tracker is None:
             persistence_tracker = _settings(ckpt, key, "persistence", train_preps, None, sla_target)
         static = forecast_policy("", _static(ckpt, key, sla_target))
@@ -310,11 +311,11 @@ def render_markdown(report: dict) -> str:
                          f"w = {o.get('site_weight', 0.5):g}, target {o['target']:g}; {pol['scale']}")
     sweeps = [(kind, m["online_tuning"]) for kind, m in report["models"].items() if m.get("online_tuning")]
     if sweeps:
-        lines += ["", "The step size η and the site level's weight w were chosen on validation only: each training "
-                  "site's validation part is halved, q starts from the first halves, the tracker runs on the second "
-                  "halves, and the pair with the lowest over-provisioning among those holding the target wins (q0 is "
-                  "then taken from the whole validation parts).", "",
-                  "| model | base | η | w | under-provisioned (validation, second halves) | over-provisioning mean |",
+        lines += ["", "The step size η and the site level's weight w were chosen on the training sites only: for each "
+                  "w, q0 is taken from their pooled validation parts; the tracker runs from q0 over each site's "
+                  "whole training part (fit, then validation), and the pair with the lowest over-provisioning "
+                  "among those holding the target there wins.", "",
+                  "| model | base | η | w | under-provisioned (training parts) | over-provisioning mean |",
                   "|---|---|---|---|---|---|"]
         for kind, sw in sweeps:
             for which, rows in sw.items():

@@ -131,10 +131,10 @@ def test_live_baselines_and_online_headroom_equal_the_offline_computation(artifa
         # The site's level when deciding after k samples: the mean of its first min(k, WARMUP) values.
         seen = np.minimum(np.arange(1, len(internet) + 1), WARMUP)
         level = np.cumsum(internet)[seen - 1] / seen
-        scale = model.online.scale(x[:, :, 0].mean(axis=1), level[9:9 + len(x)])
+        scale = model.online.scale(forecast, level[9:9 + len(x)])
         ai, q_ai = model.online.run(forecast, scale, y, q=model.online.q0)
         # Persistence decides on every sample, also before the window is full.
-        pers_scale = pers.scale([internet[max(0, i - 9):i + 1].mean() for i in range(len(internet) - 1)], level[:-1])
+        pers_scale = pers.scale(internet[:-1], level[:-1])
         persist, q_p = pers.run(internet[:-1], pers_scale, internet[1:], q=pers.q0)
         assert states[site.name].q_ai == pytest.approx(q_ai, abs=1e-9)
         assert states[site.name].q_persistence == pytest.approx(q_p, abs=1e-9)

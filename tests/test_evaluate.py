@@ -73,7 +73,7 @@ def test_report_json(evaluated):
         assert set(policies[name]["headroom"]) == {"relative", "additive", "target_rate"}
         assert policies[name]["headroom"]["target_rate"] == 0.01
     for name in ("persistence_sla", "paper_sla", "ai_sla"):
-        assert set(policies[name]["online"]) == {"q0", "eta", "target", "site_weight"}
+        assert set(policies[name]["online"]) == {"q0", "eta", "target", "site_weight", "scale"}
         assert policies[name]["online"]["target"] == 0.01
     # One site: the fleet aggregate is that site's figures.
     assert list(report["sites"]) == ["s1-s11-s31-s41"]

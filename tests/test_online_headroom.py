@@ -85,35 +85,44 @@ def test_run_and_the_interval_steps_agree():
     assert q == q_end
 
 
-def test_the_scale_mixes_the_window_and_the_site_level():
+def test_the_scale_mixes_the_base_and_the_site_level():
     assert float(headroom_scale(300.0, 100.0)) == pytest.approx(200.0)
     assert float(headroom_scale(300.0, float("nan"))) == pytest.approx(300.0)  # nothing seen yet
     assert float(headroom_scale(300.0)) == pytest.approx(300.0)
     assert float(headroom_scale(0.0, 0.0)) == SCALE_FLOOR
+    assert float(headroom_scale(-50.0, 100.0)) == pytest.approx(50.0)  # a negative forecast counts as zero
     np.testing.assert_allclose(headroom_scale(np.array([100.0, 500.0]), 300.0), [200.0, 400.0])
     # the live engine's scalar path gives the same values
     for weight in (0.0, 0.25, 1.0):
         tracker = OnlineHeadroom(q0=0.0, site_weight=weight)
-        for window_mean, level in ((300.0, 100.0), (300.0, float("nan")), (0.2, 0.0), (0.0, 640.0)):
-            assert tracker.scale_one(window_mean, level) == pytest.approx(float(tracker.scale(window_mean, level)))
+        for base, level in ((300.0, 100.0), (300.0, float("nan")), (0.2, 0.0), (0.0, 640.0), (-7.0, 20.0)):
+            assert tracker.scale_one(base, level) == pytest.approx(float(tracker.scale(base, level)))
+
+
+def test_settings_tuned_for_another_scale_are_refused():
+    tracker = OnlineHeadroom(q0=0.05, eta=0.01, target=0.01, site_weight=0.5)
+    assert OnlineHeadroom.from_dict(tracker.to_dict()) == tracker
+    old = {k: v for k, v in tracker.to_dict().items() if k != "scale"}  # exported before the scale had a name
+    with pytest.raises(ValueError, match=r"tuned for the scale 'window mean'.*retrain and re-export"):
+        OnlineHeadroom.from_dict(old)
 
 
 def test_the_site_level_in_the_scale_cuts_over_provisioning_where_noise_is_not_proportional():
     """A synthetic site's noise and surges do not grow with the hour's level: a headroom proportional
-    to the window mean alone over-provisions at every daily peak for the same miss rate."""
+    to the base alone (here the last value) over-provisions at every daily peak for the same miss rate."""
     site = generate_site(0, n_steps=8000)
     internet = site.values[:, 0].astype(np.float64)
     windows = np.lib.stride_tricks.sliding_window_view(internet[:-1], 10)
-    base, actual, window_mean = windows[:, -1], internet[10:], windows.mean(axis=1)
+    base, actual = windows[:, -1], internet[10:]
     level = float(internet[:4000].mean())
     results = {}
-    for name, scale in (("window", headroom_scale(window_mean)), ("mixed", headroom_scale(window_mean, level))):
+    for name, scale in (("base", headroom_scale(base)), ("mixed", headroom_scale(base, level))):
         calib = slice(0, 2000)
         tracker = OnlineHeadroom(q0=initial_headroom(base[calib], actual[calib], scale[calib], 0.01), eta=0.01)
         alloc, _ = tracker.run(base, scale, actual)
         later = slice(2000, None)
         results[name] = (float(np.mean(actual[later] > alloc[later])),
                          float(np.mean(np.maximum(alloc[later] - actual[later], 0.0))))
-    (miss_w, over_w), (miss_m, over_m) = results["window"], results["mixed"]
+    (miss_w, over_w), (miss_m, over_m) = results["base"], results["mixed"]
     assert abs(miss_w - 0.01) < 0.004 and abs(miss_m - 0.01) < 0.004, results
     assert over_m < 0.85 * over_w, results

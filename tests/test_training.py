@@ -205,25 +205,33 @@ def test_pooled_training_and_checkpoint(two_sites):
     pooled_train = np.concatenate([a.y[a.split.train], b.y[b.split.train]])
     assert ckpt["training_stats"]["n"] == len(pooled_train)
     assert ckpt["training_stats"]["mean"] == pytest.approx(float(pooled_train.mean()))
-    # q0 of the online headroom: from the pooled validation parts, scale = the window's internet level
-    # mixed with the site's training mean at the tracker's chosen weight.
+    # q0 of the online headroom: from the pooled validation parts, scale = the tracker's base (the forecast,
+    # or the last value) mixed with the site's training mean at the tracker's chosen weight.
     val_x = np.concatenate([a.x[a.split.val], b.x[b.split.val]])
-
-    def val_scale(tracker: OnlineHeadroom) -> np.ndarray:
-        return np.concatenate([tracker.scale(p.x[p.split.val, :, 0].mean(axis=1), p.stats.mean) for p in (a, b)])
-
     val_f = predict(t.model, val_x)
+    n_a = a.split.val.stop - a.split.val.start
+
+    def val_scale(tracker: OnlineHeadroom, base: np.ndarray) -> np.ndarray:
+        return np.concatenate([tracker.scale(base[:n_a], a.stats.mean), tracker.scale(base[n_a:], b.stats.mean)])
+
     for key, entry in ckpt["online_headroom"].items():
         target = float(key)
         model_h = OnlineHeadroom.from_dict(entry["model"])
         assert model_h.target == target and model_h.eta in ckpt["online_tuning"]["eta_grid"]
-        assert model_h.q0 == pytest.approx(initial_headroom(val_f, ckpt["val_actual"], val_scale(model_h), target))
+        assert model_h.q0 == pytest.approx(initial_headroom(val_f, ckpt["val_actual"], val_scale(model_h, val_f),
+                                                            target))
         last_h = OnlineHeadroom.from_dict(entry["persistence"])
-        assert last_h.q0 == pytest.approx(initial_headroom(val_x[:, -1, 0], ckpt["val_actual"],
-                                                           val_scale(last_h), target))
+        last = val_x[:, -1, 0].astype(np.float64)
+        assert last_h.q0 == pytest.approx(initial_headroom(last, ckpt["val_actual"], val_scale(last_h, last), target))
         assert {(r["eta"], r["site_weight"]) for r in ckpt["online_tuning"]["sweeps"][key]["model"]} == {
             (e, w) for e in ckpt["online_tuning"]["eta_grid"] for w in ckpt["online_tuning"]["site_weight_grid"]}
         assert model_h.site_weight in ckpt["online_tuning"]["site_weight_grid"]
+        # the chosen pair: the least over-provisioning over the training parts among those holding the target
+        sweep = ckpt["online_tuning"]["sweeps"][key]["model"]
+        holding = [r for r in sweep if r["underprovisioning_rate"] <= target]
+        best = (min(holding, key=lambda r: r["overprovisioning_mean"]) if holding
+                else min(sweep, key=lambda r: (r["underprovisioning_rate"], r["overprovisioning_mean"])))
+        assert (model_h.eta, model_h.site_weight) == (best["eta"], best["site_weight"])
 
 
 def test_one_site_as_a_list_trains_the_same(prep, trained):

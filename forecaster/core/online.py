@@ -3,11 +3,14 @@ the conformal PID controller's quantile step).
 
 Per site, the allocation for the next interval is ``base + q * scale``: ``base`` is the point
 forecast (or the last value, for persistence), ``scale`` the site's level (:func:`headroom_scale`):
-a mix of the window's mean internet demand and the site's own long-run mean, the mean of the same
-history its B1 and B2 come from, with the weight ``site_weight`` on the latter. So ``q`` is a
-scale-free headroom and one step size fits sites of any level. The long-run part keeps the headroom
-from swelling at every daily peak where the demand's noise and surges are not proportional to the
-hour's level. The step size and the weight are chosen on validation (``forecaster.train.tune_online``).
+a mix of the base itself and the site's own long-run mean, the mean of the same history its B1 and
+B2 come from, with the weight ``site_weight`` on the latter. So the headroom has the static
+calibration's form, a margin relative to the forecast plus a constant, with the constant in units of
+the site's own level: ``q`` is scale-free and one step size fits sites of any level. The long-run
+part keeps the headroom from swelling at every daily peak where the demand's noise and surges are
+not proportional to the hour's level. The step size and the weight are chosen on the training sites
+(``forecaster.train.tune_online``). When the interval's actual arrives::
+
 When the interval's actual arrives::
 
     miss = actual > allocation
@@ -36,14 +39,18 @@ Q_MIN, Q_MAX = -1.0, 5.0
 
 
 SITE_LEVEL_WEIGHT = 0.5  # the default weight of the site's long-run level in the scale
+# What the scale is made of, stored with the settings: the same q and weight mean another headroom
+# under another scale, so settings tuned for an older one are refused rather than misread.
+SCALE_KIND = "base+site_level"
 
 
-def headroom_scale(window_mean: np.ndarray | float, site_level: np.ndarray | float | None = None,
+def headroom_scale(base: np.ndarray | float, site_level: np.ndarray | float | None = None,
                    site_weight: float = SITE_LEVEL_WEIGHT) -> np.ndarray:
-    """The headroom's scale from each window's mean internet demand and the site's long-run mean
-    level (offline: its training part; live: its baseline warm-up so far), floored. Without a site
-    level (None or NaN: nothing seen yet), the window mean alone."""
-    scale = np.asarray(window_mean, dtype=np.float64)
+    """The headroom's scale from each interval's base (the forecast or the last value; below zero
+    counts as zero) and the site's long-run mean level (offline: its training part; live: its
+    baseline warm-up so far), floored. Without a site level (None or NaN: nothing seen yet), the base
+    alone."""
+    scale = np.maximum(np.asarray(base, dtype=np.float64), 0.0)
     if site_level is not None:
         level = np.asarray(site_level, dtype=np.float64)
         scale = np.where(np.isfinite(level), (1.0 - site_weight) * scale + site_weight * level, scale)
@@ -67,14 +74,14 @@ class OnlineHeadroom:
     target: float = 0.01
     site_weight: float = SITE_LEVEL_WEIGHT
 
-    def scale(self, window_mean: np.ndarray | float, site_level: np.ndarray | float | None) -> np.ndarray:
+    def scale(self, base: np.ndarray | float, site_level: np.ndarray | float | None) -> np.ndarray:
         """This tracker's scale (:func:`headroom_scale` with its ``site_weight``)."""
-        return headroom_scale(window_mean, site_level, self.site_weight)
+        return headroom_scale(base, site_level, self.site_weight)
 
-    def scale_one(self, window_mean: float, site_level: float) -> float:
+    def scale_one(self, base: float, site_level: float) -> float:
         """One interval's scale (the live engine's per-sample path; the same as :meth:`scale`)."""
-        s = window_mean if math.isnan(site_level) else (1.0 - self.site_weight) * window_mean \
-            + self.site_weight * site_level
+        b = max(base, 0.0)
+        s = b if math.isnan(site_level) else (1.0 - self.site_weight) * b + self.site_weight * site_level
         return max(s, SCALE_FLOOR)
 
     def allocate_one(self, base: float, scale: float, q: float, floor: float = 0.0,
@@ -101,10 +108,16 @@ class OnlineHeadroom:
             cur = self.update_one(cur, out[i], float(actual[i]))
         return out, cur
 
-    def to_dict(self) -> dict[str, float]:
-        return {"q0": self.q0, "eta": self.eta, "target": self.target, "site_weight": self.site_weight}
+    def to_dict(self) -> dict[str, float | str]:
+        return {"q0": self.q0, "eta": self.eta, "target": self.target, "site_weight": self.site_weight,
+                "scale": SCALE_KIND}
 
     @classmethod
     def from_dict(cls, d: dict) -> OnlineHeadroom:
+        """Settings as :meth:`to_dict` wrote them; refused when tuned for another scale."""
+        kind = d.get("scale")
+        if kind != SCALE_KIND:
+            raise ValueError(f"online headroom settings were tuned for the scale {kind or 'window mean'!r}, "
+                             f"this version uses {SCALE_KIND!r}: retrain and re-export the model")
         return cls(q0=float(d["q0"]), eta=float(d.get("eta", DEFAULT_ETA)), target=float(d["target"]),
                    site_weight=float(d.get("site_weight", SITE_LEVEL_WEIGHT)))
