@@ -72,6 +72,12 @@ class ModelArtifact:
             raise ValueError(f"expected windows of shape [batch, {self.window}, {len(self.features)}], got {x.shape}")
         if x.shape[0] == 0:
             return np.zeros(0, dtype=np.float64)
+        if x.shape[0] == 1:
+            # onnxruntime takes another kernel path for a batch of one, whose float32 result differs from
+            # the same window's in any larger batch in the last bits; a live batch holds whatever the
+            # consumer fetched, so one window is run as two to make every forecast independent of it.
+            (out,) = self.session.run([self.output_name], {self.input_name: np.concatenate([x, x])})
+            return np.asarray(out[:1], dtype=np.float64).reshape(-1)
         (out,) = self.session.run([self.output_name], {self.input_name: x})
         return np.asarray(out, dtype=np.float64).reshape(-1)
 

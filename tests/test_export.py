@@ -113,6 +113,20 @@ def test_dynamic_batch_dimension(built, kind):
 
 
 @pytest.mark.parametrize("kind", list(EPOCHS))
+def test_a_forecast_does_not_depend_on_the_batch(built, kind):
+    """Bit for bit: a live batch holds whatever the consumer fetched, and the live decisions must equal
+    the offline engine's (onnxruntime rounds a batch of one differently unless the loader pads it)."""
+    _, ckpt = load_checkpoint(built[kind]["ckpt"])
+    test_x = ckpt["test_x"].numpy()
+    art = load_artifact(built[kind]["dir"])
+    whole = art.predict(test_x)
+    alone = np.concatenate([art.predict(test_x[i:i + 1]) for i in range(len(test_x))])
+    in_sevens = np.concatenate([art.predict(test_x[i:i + 7]) for i in range(0, len(test_x), 7)])
+    np.testing.assert_array_equal(alone, whole)
+    np.testing.assert_array_equal(in_sevens, whole)
+
+
+@pytest.mark.parametrize("kind", list(EPOCHS))
 def test_manifest_contents(built, kind):
     m = json.loads((built[kind]["dir"] / "manifest.json").read_text())
     assert m == built[kind]["manifest"]

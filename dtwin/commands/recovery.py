@@ -282,7 +282,8 @@ class Audit:
         return {"expected": self.expected, "commands": self.commands, "lost": self.lost,
                 "unexpected": len(self.unexpected), "duplicates": self.duplicates, "reemitted": self.reemitted,
                 "recomputed": self.recomputed, "duplicates_identical": self.identical,
-                "mismatched": len(self.mismatched), "bad_keys": self.bad_keys}
+                "mismatched": len(self.mismatched), "mismatched_examples": [list(m) for m in self.mismatched[:20]],
+                "bad_keys": self.bad_keys}
 
     def problems(self) -> str:
         """Empty when every expected interval has exactly the offline command and duplicates are identical."""
@@ -636,12 +637,13 @@ def cmd_bench_recovery(args: argparse.Namespace) -> int:
     print(json.dumps(result, indent=2))
     print(f"takeover over {result['kills']} kills: median {result['recovery_s']['median']:.1f} s, max "
           f"{result['recovery_s']['max']:.1f} s; lost {result['lost']}; duplicates {result['duplicates']} "
-          f"(identical: {result['duplicates_identical']}); table recovery "
+          f"(identical: {result['duplicates_identical']}); {result['takeover']['mismatched']} differ from the "
+          "offline engine; table recovery "
           + ", ".join(f"{int(n):,} sites {s:.1f} s" for n, s in result["table_recovery_s"].items()))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    ok = result["lost"] == 0 and result["duplicates_identical"]
+    ok = result["lost"] == 0 and result["duplicates_identical"] and result["takeover"]["mismatched"] == 0
     return 0 if ok else 1
 
 
