@@ -236,7 +236,7 @@ def tune_online(series: list[TuningSeries], target: float, eta_grid: Sequence[fl
     hold ``target`` there (pooled) is chosen, else the one with the fewest misses.
 
     Why the whole training part and not only validation: at a 1 % target a site's validation part
-    (six days) holds a dozen misses, too few to rank step sizes, and the tracker learns its level
+    (six days) holds about 17 misses, too few to rank step sizes, and the tracker learns its level
     online, so what the choice needs from the data is how the residuals' spread moves and scales,
     which the fit part shows over four weeks. That part is in-sample for the model, which biases the
     residuals' level (learnt online anyway) more than their shape.
@@ -303,6 +303,8 @@ def make_checkpoint(trained: Trained, preps: Prepared | Sequence[Prepared]) -> d
     val_last = np.concatenate([p.last[p.split.val] for p in preps])
     stats = preps[0].stats if len(preps) == 1 else TrainingStats.of(
         np.concatenate([p.y[p.split.train] for p in preps]))
+    # Predicted again over the training part rather than sliced: torch's float32 result can differ in the
+    # last bit with the batch, and the static calibration stays that of the validation part's own pass.
     online, sweeps = online_headrooms(preps, [predict(trained.model, p.x[p.split.train]) for p in preps])
     data = _data_of(preps[0])
     if len(preps) > 1:

@@ -11,8 +11,6 @@ part keeps the headroom from swelling at every daily peak where the demand's noi
 not proportional to the hour's level. The step size and the weight are chosen on the training sites
 (``forecaster.train.tune_online``). When the interval's actual arrives::
 
-When the interval's actual arrives::
-
     miss = actual > allocation
     q   <- q + eta * (miss - target)
 
